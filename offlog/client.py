@@ -1,0 +1,544 @@
+"""Client side: ProxyFile and the transports under it.
+
+Theory of operation
+-------------------
+:class:`ProxyFile` is what applications hold; a *transport* moves its bytes:
+
+* :class:`ShmTransport`: ``write`` is a copy into a shared-memory ring
+  (:class:`offlog.shm.ring.Producer`); the socket carries only control.
+* :class:`SocketTransport`: ``write`` is one non-blocking ``sendmsg`` of a
+  DATA frame (framed dialect) or of the raw bytes (0.x server).
+
+``ProxyFile.write`` is bound straight to the transport's ``write`` (one
+Python call on the hot path, not two). Both transports share the rules: a
+write never blocks; what cannot go out now waits in a local backlog, in
+order, and everything newer waits behind it; close() sends the backlog,
+waits for the server's BYE and raises whatever the server reported.
+
+Opening: the client speaks the framed dialect first. A 0.x server answers
+with an error instead of the ``OFFLOG\\0`` greeting; the client then
+reconnects and uses the 0.x handshake (unless ``shm=True`` was required).
+
+Fork: after ``os.fork()`` the child's ProxyFiles drop their transport
+(the parent still owns the ring, the socket and the backlog) and reconnect
+on their first write.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import select
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any, Deque, List, Optional, Union
+
+from . import protocol as P
+from .shm import ClientRing, unsupported_reason
+
+DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
+#: Milliseconds, as in offlog 0.x's documentation (and unlike its code).
+DEFAULT_TIMEOUT = 5000
+Buffer = Union[bytes, bytearray, memoryview, str]
+
+
+class ShmUnavailableError(OSError):
+    """``shm=True`` was asked for, but no ring could be set up."""
+
+
+class _Deadline:
+    def __init__(self, timeout_ms: Optional[float]) -> None:
+        self.end = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+
+    def left(self) -> Optional[float]:
+        if self.end is None:
+            return None
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no response from the offlog server in time")
+        return left
+
+
+class _Channel:
+    """Blocking reads of server messages with a deadline (handshake, close, errors)."""
+
+    def __init__(self, sock: socket.socket, framed: bool) -> None:
+        self.sock = sock
+        self.framed = framed
+        self._reader = P.FrameReader(P.SERVER_FRAMES)
+        self._frames: Deque[P.Frame] = deque()
+        self._legacy = b""
+
+    def _recv(self, deadline: _Deadline) -> bytes:
+        ready, _, _ = select.select([self.sock], [], [], deadline.left())
+        if not ready:
+            raise TimeoutError("no response from the offlog server in time")
+        try:
+            return self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return self._recv(deadline)
+        except ConnectionResetError:
+            return b""
+
+    def frame(self, deadline: _Deadline) -> P.Frame:
+        while not self._frames:
+            chunk = self._recv(deadline)
+            if not chunk:
+                raise EOFError("the offlog server closed the connection")
+            self._frames.extend(self._reader.feed(chunk))
+        return self._frames.popleft()
+
+    def feed(self, data: bytes) -> None:
+        self._frames.extend(self._reader.feed(data))
+
+    def legacy_message(self, deadline: _Deadline) -> bytes:
+        while P.NUL not in self._legacy:
+            chunk = self._recv(deadline)
+            if not chunk:
+                raise EOFError("the offlog server closed the connection")
+            self._legacy += chunk
+        message, _, self._legacy = self._legacy.partition(P.NUL)
+        return message
+
+    def server_error(self, deadline: _Deadline) -> BaseException:
+        """The error the server sent before closing (or a BrokenPipeError)."""
+        try:
+            if self.framed:
+                while True:
+                    f = self.frame(deadline)
+                    if f.type == P.ERROR:
+                        return P.decode_error(f.payload)
+            while True:
+                message = self.legacy_message(deadline)
+                if message not in (b"OK", b"ROTATED", b"BYE"):
+                    return P.exception_from_text(message.decode("utf-8", "replace"))
+        except (EOFError, TimeoutError, OSError):
+            return BrokenPipeError("the offlog server closed the connection")
+
+
+class SocketTransport:
+    """Bytes over the socket, framed or (0.x server) raw."""
+
+    name = "socket"
+
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float]) -> None:
+        self._channel = channel
+        self._sock = channel.sock
+        self._sock.setblocking(False)
+        self._framed = channel.framed
+        self._timeout = timeout_ms
+        self._backlog: Deque[memoryview] = deque()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self._queued
+
+    def write(self, data: Buffer) -> None:
+        # Socket hot path: one sendmsg (a syscall, ~1.5 us) when nothing is queued.
+        with self._lock:
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            view = memoryview(data).cast("B")
+            pieces = [view]
+            if self._framed:
+                pieces = []
+                for chunk in _split(view, P.MAX_PAYLOAD):
+                    pieces += (memoryview(P.frame_header(P.DATA, chunk.nbytes)), chunk)
+            if not self._backlog:
+                pieces = self._send(pieces)
+            for piece in pieces:
+                self._backlog.append(memoryview(bytes(piece)))
+                self._queued += piece.nbytes
+            if self._backlog:
+                self._pump_locked()
+
+    def _send(self, pieces: List[memoryview]) -> List[memoryview]:
+        """Send what the socket takes now; return the unsent rest."""
+        try:
+            sent = self._sock.sendmsg(pieces)
+        except (BlockingIOError, InterruptedError):
+            return pieces
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._channel.server_error(_Deadline(self._timeout)) from None
+        return _unsent(pieces, sent)
+
+    def _pump_locked(self) -> None:
+        while self._backlog:
+            batch = list(itertools.islice(self._backlog, 64))
+            rest = self._send(batch)
+            done = len(batch) - len(rest)
+            for _ in range(done):
+                self._queued -= self._backlog.popleft().nbytes
+            if rest:
+                if rest[0].nbytes != self._backlog[0].nbytes:
+                    self._queued -= self._backlog[0].nbytes - rest[0].nbytes
+                    self._backlog[0] = rest[0]
+                return
+
+    def pump(self) -> int:
+        with self._lock:
+            self._pump_locked()
+            return self._queued
+
+    def _drain(self, deadline: _Deadline) -> None:
+        """Block (until the deadline) until the backlog is sent."""
+        while self.pump():
+            try:
+                left = deadline.left()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"timed out sending queued data to the offlog server: {self.backlog_bytes} bytes not sent"
+                ) from None
+            select.select([], [self._sock], [], left)
+
+    def flush(self, timeout_ms: Optional[float]) -> None:
+        deadline = _Deadline(timeout_ms)
+        self._drain(deadline)
+        if not self._framed:
+            return  # a 0.x server cannot confirm writes: sent is all we know
+        token = next(self._tokens)
+        with self._lock:
+            self._send_control(P.encode_u64(P.FLUSH, token), deadline)
+        while True:
+            f = self._channel.frame(deadline)
+            if f.type == P.FLUSHED and P.decode_u64(f.payload) == token:
+                return
+            if f.type == P.ERROR:
+                raise P.decode_error(f.payload)
+
+    def _send_control(self, message: bytes, deadline: _Deadline) -> None:
+        view = [memoryview(message)]
+        while view:
+            view = self._send(view)
+            if view:
+                select.select([], [self._sock], [], deadline.left())
+
+    def close(self) -> None:
+        deadline = _Deadline(self._timeout)
+        try:
+            self._drain(deadline)
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                raise self._channel.server_error(deadline) from None
+            self._await_bye(deadline)
+        finally:
+            self._sock.close()
+
+    def _await_bye(self, deadline: _Deadline) -> None:
+        try:
+            if self._framed:
+                while True:
+                    f = self._channel.frame(deadline)
+                    if f.type == P.BYE:
+                        return
+                    if f.type == P.ERROR:
+                        raise P.decode_error(f.payload)
+            while True:
+                message = self._channel.legacy_message(deadline)
+                if message == b"BYE":
+                    return
+                if message not in (b"OK", b"ROTATED"):
+                    raise P.exception_from_text(message.decode("utf-8", "replace"))
+        except EOFError:
+            raise BrokenPipeError("the offlog server closed the connection before confirming") from None
+
+    def detach(self) -> None:
+        """After fork: the parent owns the connection and the backlog."""
+        self._backlog.clear()
+        self._queued = 0
+        self._sock.close()
+
+
+def _unsent(pieces: List[memoryview], sent: int) -> List[memoryview]:
+    """The part of ``pieces`` after the first ``sent`` bytes (a new list)."""
+    for i, piece in enumerate(pieces):
+        if sent < piece.nbytes:
+            return [piece[sent:]] + pieces[i + 1 :]
+        sent -= piece.nbytes
+    return []
+
+
+def _split(view: memoryview, size: int) -> List[memoryview]:
+    if view.nbytes <= size:
+        return [view]
+    return [view[i : i + size] for i in range(0, view.nbytes, size)]
+
+
+class ShmTransport(SocketTransport):
+    """Bytes through a shared-memory ring; the socket carries control only."""
+
+    name = "shm"
+
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float], ring: ClientRing) -> None:
+        super().__init__(channel, timeout_ms)
+        self._ring = ring
+        self._producer = ring.producer
+        self.write = self._producer.write  # the hot path: see Producer.write
+
+    def _failed(self, code: int) -> None:
+        error = self._channel.server_error(_Deadline(self._timeout))
+        if isinstance(error, BrokenPipeError):
+            error = OSError(code, os.strerror(code))
+        raise error
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self._producer.backlog_bytes
+
+    def pump(self) -> int:
+        return self._producer.pump()
+
+    def _drain(self, deadline: _Deadline) -> None:
+        while self._producer.pump():
+            try:
+                deadline.left()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"timed out moving queued data into the ring: {self._producer.backlog_bytes} bytes not sent"
+                ) from None
+            self._producer.wake()
+            time.sleep(0.0005)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._ring.close()
+
+    def detach(self) -> None:
+        self._producer.detach()
+        super().detach()
+
+
+def open_transport(
+    path: str, sock_path: str, timeout_ms: Optional[float], shm: Optional[bool], fsync: bool
+) -> SocketTransport:
+    """Connect, handshake, negotiate a ring; return the transport to use."""
+    deadline = _Deadline(timeout_ms)
+    reason = unsupported_reason() if shm is not False else None
+    flags = P.FSYNC if fsync else 0
+    if shm is not False:
+        flags |= P.NO_SHM_SUPPORT if reason else P.WANT_SHM
+    if shm and reason:
+        raise ShmUnavailableError(f"shm=True but this client cannot map a ring: {reason}")
+    channel = _Channel(_connect(sock_path, deadline), framed=True)
+    sock = channel.sock
+    try:
+        try:
+            sock.sendall(P.CLIENT_PREAMBLE + P.encode_open(path, flags))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a 0.x server may reply and close before reading it all
+        greeting = b""
+        while len(greeting) < len(P.SERVER_PREAMBLE) and P.SERVER_PREAMBLE.startswith(greeting):
+            chunk = channel._recv(deadline)
+            if not chunk:
+                break
+            greeting += chunk
+        if not greeting.startswith(P.SERVER_PREAMBLE):
+            sock.close()
+            if shm:
+                raise ShmUnavailableError("shm=True but the server is offlog 0.x (socket only)")
+            return _open_legacy(path, sock_path, deadline, timeout_ms)
+        channel.feed(greeting[len(P.SERVER_PREAMBLE) :])
+        f = channel.frame(deadline)
+        if f.type == P.ERROR:
+            raise P.decode_error(f.payload)
+        if f.type != P.OPENED:
+            raise P.ProtocolError(f"expected OPENED, got frame {f.type:#04x}")
+        _, opened_flags, note = P.decode_opened(f.payload)
+        if not opened_flags & P.SHM_OFFERED:
+            if shm:
+                raise ShmUnavailableError(f"shm=True but the server offered no ring: {note}")
+            return SocketTransport(channel, timeout_ms)
+        offer = channel.frame(deadline)
+        if offer.type != P.SHM_OFFER:
+            raise P.ProtocolError("expected SHM_OFFER")
+        capacity, shm_name, sem_name = P.decode_offer(offer.payload)
+        transport: List[ShmTransport] = []
+        try:
+            ring = ClientRing(capacity, shm_name, sem_name, lambda code: transport[0]._failed(code))
+        except Exception as exc:
+            sock.sendall(P.frame(P.SHM_DECLINE, P.exception_text(exc).encode()))
+            if shm:
+                raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
+            return SocketTransport(channel, timeout_ms)
+        sock.sendall(P.frame(P.SHM_ACCEPT))
+        transport.append(ShmTransport(channel, timeout_ms, ring))
+        return transport[0]
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _open_legacy(path: str, sock_path: str, deadline: _Deadline, timeout_ms: Optional[float]) -> SocketTransport:
+    channel = _Channel(_connect(sock_path, deadline), framed=False)
+    try:
+        channel.sock.sendall(P.encode_path(path) + P.NUL)
+        reply = channel.legacy_message(deadline)
+        if reply != b"OK":
+            raise P.exception_from_text(reply.decode("utf-8", "replace"))
+        return SocketTransport(channel, timeout_ms)
+    except BaseException:
+        channel.sock.close()
+        raise
+
+
+def _connect(sock_path: str, deadline: _Deadline) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(deadline.left())
+        sock.connect(sock_path)
+        sock.settimeout(None)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_live: "weakref.WeakSet[ProxyFile]" = weakref.WeakSet()
+
+
+class ProxyFile:
+    """Append to ``filepath`` through the offlog server at ``sock_path``.
+
+    ``timeout`` (milliseconds) bounds every blocking step: the open, flush()
+    and close(). ``shm``: None uses a shared-memory ring when the server
+    offers one, True requires one (:class:`ShmUnavailableError` otherwise),
+    False never uses one. ``fsync=True`` makes the server fsync on flush().
+    """
+
+    def __init__(
+        self,
+        filepath: Union[str, bytes, "os.PathLike[str]"],
+        sock_path: str = DEFAULT_SOCK_PATH,
+        timeout: Optional[float] = DEFAULT_TIMEOUT,
+        *,
+        shm: Optional[bool] = None,
+        fsync: bool = False,
+    ) -> None:
+        self.filepath = os.path.abspath(os.fsdecode(filepath))
+        self.sock_path = sock_path
+        self.timeout = timeout
+        self._shm = shm
+        self._fsync = fsync
+        self._transport = open_transport(self.filepath, sock_path, timeout, shm, fsync)
+        self.write = self._transport.write  # type: ignore[method-assign]
+        _live.add(self)
+
+    def write(self, data: Buffer) -> None:  # type: ignore[no-redef]
+        """Append ``data`` (bytes, or str as UTF-8). Never blocks.
+
+        What cannot be handed over now is queued locally, in order, and sent
+        before anything newer. Raises the server's error (same builtin class)
+        if it reported one. (Each instance binds this name to its transport's
+        ``write``; this method only serves documentation and closed files.)
+        """
+        raise ValueError("write to a closed ProxyFile")
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` or ``"socket"``."""
+        return self._transport.name
+
+    @property
+    def backlog(self) -> int:
+        """Bytes accepted by write() but still queued in this process."""
+        return self._transport.backlog_bytes
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Return once the server has written everything written so far.
+
+        ``timeout`` in milliseconds, default the ProxyFile's. Against a 0.x
+        server this only waits until everything is sent.
+        """
+        self._transport.flush(self.timeout if timeout is None else timeout)
+
+    def close(self) -> None:
+        """Send what is queued, wait for the server to confirm; idempotent."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._transport = None
+        self.write = self._write_closed  # type: ignore[method-assign]
+        _live.discard(self)
+        transport.close()
+
+    def _write_closed(self, data: Buffer) -> None:
+        raise ValueError("write to a closed ProxyFile")
+
+    def _after_fork_in_child(self) -> None:
+        if self._transport is not None:
+            self._transport.detach()
+            self._transport = _Reconnect(self)
+            self.write = self._transport.write  # type: ignore[method-assign]
+
+    def _reconnect(self) -> None:
+        self._transport = open_transport(self.filepath, self.sock_path, self.timeout, self._shm, self._fsync)
+        self.write = self._transport.write  # type: ignore[method-assign]
+
+    def __enter__(self) -> "ProxyFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _Reconnect:
+    """Stand-in transport of a forked child until its first write reconnects it."""
+
+    name = "socket"
+    backlog_bytes = 0
+
+    def __init__(self, proxy: ProxyFile) -> None:
+        self._proxy = proxy
+
+    def write(self, data: Buffer) -> None:
+        self._proxy._reconnect()
+        self._proxy.write(data)
+
+    def flush(self, timeout_ms: Optional[float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+
+FileProxy = ProxyFile
+
+
+def _close_all() -> None:
+    for proxy in list(_live):
+        try:
+            proxy.close()
+        except Exception as exc:  # at exit there is no caller left to raise to
+            import sys
+
+            print(f"offlog: could not flush {proxy.filepath}: {P.exception_text(exc)}", file=sys.stderr)
+
+
+def _after_fork_in_child() -> None:
+    for proxy in list(_live):
+        proxy._after_fork_in_child()
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

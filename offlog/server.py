@@ -1,0 +1,652 @@
+"""The offlog server: accepts clients, opens their files, writes their bytes.
+
+Theory of operation
+-------------------
+The main thread only accepts connections and handles signals. Every client
+gets a :class:`Session` thread that does the client's blocking work: read the
+handshake, open the file, then move the client's bytes from the socket (or
+from its shared-memory ring) into the file. A file that stalls therefore
+stalls only the sessions writing to that file; every other client's
+handshake and data go on (no head-of-line blocking). Files are shared through
+:class:`~offlog.files.FileTable`, whose per-file lock keeps appends whole.
+
+The first bytes of a connection decide its dialect (see
+:mod:`offlog.protocol`): a 0.x client sends a path; a current client sends
+the framed preamble and an OPEN frame, and may be offered a ring.
+
+A ring session waits on its ring's doorbell semaphore, so it cannot also
+block in ``recv``: the :class:`Doorbells` thread watches the control sockets
+of all ring sessions with one ``epoll`` (one-shot) and rings a session's
+doorbell when its socket has something to say (a FLUSH, an EOF, a kill).
+
+Stopping (SIGINT/SIGTERM): stop accepting, remove the socket file, shut the
+read side of every client socket (data already received stays readable),
+wake every ring session; each session writes everything it has, tells its
+client ``OSError: offlog server exited`` and closes. SIGHUP reopens every
+file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Dict, List, Optional
+
+from . import protocol as P
+from .files import ROTATE_CHECK, FileTable, OpenFile
+from .logger import Logger
+from .shm import ServerRing, layout, sweep_stale, unsupported_reason
+from .shm.ring import IDLE_WAIT, NAP, NAPS_BEFORE_SLEEP, SETTLE, RingCorrupt
+
+#: Seconds a new connection has to complete its handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Seconds the server waits for sessions to finish writing when stopping.
+STOP_GRACE = 10.0
+RECV_SIZE = 256 * 1024
+SERVER_EXITED = OSError("offlog server exited")
+
+
+class ClientGone(Exception):
+    """The client closed or broke its connection."""
+
+
+class Server:
+    def __init__(
+        self,
+        socket_path: str,
+        log: Logger,
+        *,
+        shm: bool = False,
+        ring_size: int = layout.DEFAULT_CAPACITY,
+        socket_mode: Optional[int] = None,
+    ) -> None:
+        self.socket_path = socket_path
+        self.shm = shm
+        self.ring_size = layout.check_capacity(ring_size) if shm else ring_size
+        self.socket_mode = socket_mode
+        self.files = FileTable(self.info, self.warn)
+        self.stopping = False
+        self._log = log
+        self._log_lock = threading.Lock()
+        self._sessions: Dict[int, Session] = {}
+        self._sessions_lock = threading.Lock()
+        self._next_id = 0
+        self._reopen = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._listener: Optional[socket.socket] = None
+        self.doorbells: Optional[Doorbells] = None
+        self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
+
+    # -- logging ----------------------------------------------------------
+    def info(self, msg: str) -> None:
+        with self._log_lock:
+            self._log.info(msg)
+
+    def warn(self, msg: str) -> None:
+        with self._log_lock:
+            self._log.warning(msg)
+
+    # -- life cycle -------------------------------------------------------
+    def bind(self) -> None:
+        """Take over the socket path, or raise if a live server answers on it."""
+        _claim_socket_path(self.socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.socket_path)
+        if self.socket_mode is not None:
+            os.chmod(self.socket_path, self.socket_mode)
+        listener.listen(1024)
+        listener.setblocking(False)
+        self._listener = listener
+        if self.shm and self.shm_unavailable is None:
+            removed = sweep_stale()
+            if removed:
+                self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
+            self.doorbells = Doorbells()
+
+    def serve_forever(self) -> None:
+        assert self._listener is not None
+        threading.Thread(target=self._rotation_loop, name="rotation", daemon=True).start()
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        while not self.stopping:
+            for key, _ in sel.select():
+                if key.fileobj is self._listener:
+                    self._accept_all()
+                else:
+                    os.read(self._wake_r, 4096)
+        sel.close()
+        self._shutdown()
+
+    def request_stop(self) -> None:
+        """Signal-safe: ask serve_forever to stop."""
+        self.stopping = True
+        os.write(self._wake_w, b"s")
+
+    def request_reopen(self) -> None:
+        """Signal-safe: reopen every file (SIGHUP)."""
+        self._reopen.set()
+
+    def _accept_all(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and friends: log, back off, keep serving
+                self.warn(f"Could not accept a client: {exc}")
+                time.sleep(0.05)
+                return
+            sock.setblocking(True)
+            with self._sessions_lock:
+                sid = self._next_id
+                self._next_id += 1
+                session = self._sessions[sid] = Session(self, sid, sock)
+            threading.Thread(target=session.run, name=f"client-{sid}", daemon=True).start()
+
+    def session_done(self, session: "Session") -> None:
+        with self._sessions_lock:
+            self._sessions.pop(session.id, None)
+
+    def _rotation_loop(self) -> None:
+        while not self.stopping:
+            force = self._reopen.wait(ROTATE_CHECK)
+            self._reopen.clear()
+            if force:
+                self.info("Received SIGHUP, reopening all files")
+            self.files.check_rotation(force=force)
+
+    def _shutdown(self) -> None:
+        self.info("Received signal, shutting down")
+        self._listener.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.interrupt()
+        deadline = time.monotonic() + STOP_GRACE
+        for session in sessions:
+            session.finished.wait(max(0.0, deadline - time.monotonic()))
+        if self.doorbells is not None:
+            self.doorbells.close()
+        self.info("Exit")
+
+
+def _claim_socket_path(path: str) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    import stat
+
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens
+        return
+    except socket.timeout:
+        pass  # a live server with a full backlog
+    finally:
+        probe.close()
+    raise RuntimeError(f"another offlog server is already listening on {path}")
+
+
+def peer_credentials(sock: socket.socket) -> str:
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return ""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, so_peercred, 12))
+    except OSError:
+        return ""
+    return f" (pid {pid}, uid {uid})"
+
+
+class Session:
+    """One client connection, served by its own thread."""
+
+    def __init__(self, server: Server, sid: int, sock: socket.socket) -> None:
+        self.server = server
+        self.id = sid
+        self.sock = sock
+        self.framed: Optional[bool] = None
+        self.file: Optional[OpenFile] = None
+        self.fsync = False
+        self.ring: Optional[ServerRing] = None
+        self.sock_ready = False
+        self.finished = threading.Event()
+        self._reader = P.FrameReader(P.CLIENT_FRAMES)
+
+    # -- entry point --------------------------------------------------------
+    def run(self) -> None:
+        server = self.server
+        server.info(f"Client {self.id} connected{peer_credentials(self.sock)}")
+        try:
+            rest = self._handshake()
+            if self.ring is not None:
+                self._serve_ring()
+            else:
+                self._serve_socket(rest)
+        except ClientGone:
+            pass
+        except _Reported as exc:
+            self._send_error(exc.error)
+        except P.ProtocolError as exc:
+            server.warn(f"Client {self.id} protocol error: {exc}")
+            self._send_error(exc)
+        except Exception as exc:  # one client's failure never takes the server down
+            server.warn(f"Client {self.id} error: {P.exception_text(exc)}")
+            self._send_error(exc)
+        finally:
+            self._close()
+
+    def interrupt(self) -> None:
+        """Server stopping: make the session finish what it has and leave."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        if self.ring is not None:
+            self.sock_ready = True
+            self.ring.sem.release()
+
+    # -- handshake ---------------------------------------------------------
+    def _handshake(self) -> bytes:
+        """Read the path (either dialect), open the file; return bytes already
+        received after the handshake."""
+        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        buf = self._recv_handshake()
+        while len(buf) < len(P.CLIENT_PREAMBLE) and P.CLIENT_PREAMBLE.startswith(buf):
+            buf += self._recv_handshake()
+        if buf.startswith(P.CLIENT_PREAMBLE):
+            self.framed = True
+            self.sock.sendall(P.SERVER_PREAMBLE)
+            return self._framed_handshake(buf[len(P.CLIENT_PREAMBLE) :])
+        self.framed = False
+        return self._legacy_handshake(buf)
+
+    def _recv_handshake(self) -> bytes:
+        try:
+            chunk = self.sock.recv(RECV_SIZE)
+        except socket.timeout:
+            raise TimeoutError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s") from None
+        if not chunk:
+            if self.server.stopping:
+                raise SERVER_EXITED
+            self.server.info(f"Client {self.id} disconnected during the handshake")
+            raise ClientGone()
+        return chunk
+
+    def _legacy_handshake(self, buf: bytes) -> bytes:
+        reader = P.LegacyPath()
+        found = reader.feed(buf)
+        while found is None:
+            found = reader.feed(self._recv_handshake())
+        raw, rest = found
+        try:
+            path = P.decode_path(raw)
+        except ValueError as exc:
+            self.server.warn(f"Client {self.id} error, {exc}")
+            raise _Reported(exc) from None
+        self._open(path)
+        self.sock.sendall(P.LEGACY_OK)
+        self.server.info(f"Client {self.id} transport: socket (0.x client)")
+        return rest
+
+    def _framed_handshake(self, buf: bytes) -> bytes:
+        frames = self._reader.feed(buf)
+        while not frames:
+            frames = self._reader.feed(self._recv_handshake())
+        first, later = frames[0], frames[1:]
+        if first.type != P.OPEN:
+            raise P.ProtocolError("the first frame must be OPEN")
+        try:
+            version, flags, path = P.decode_open(first.payload)
+        except P.ProtocolError:
+            raise
+        except ValueError as exc:
+            self.server.warn(f"Client {self.id} error, {exc}")
+            raise _Reported(exc) from None
+        self.fsync = bool(flags & P.FSYNC)
+        self._open(path)
+        reason = self._offer_reason(flags)
+        if reason is None:
+            try:
+                self.ring = ServerRing(self.server.ring_size)
+            except Exception as exc:
+                reason = f"could not create the ring: {exc}"
+        if self.ring is None:
+            self.sock.sendall(P.encode_opened(note=reason))
+            self.server.info(f"Client {self.id} transport: socket ({reason})")
+            return _reencode(later)
+        self.sock.sendall(
+            P.encode_opened(P.SHM_OFFERED) + P.encode_offer(self.ring.capacity, self.ring.shm_name, self.ring.sem_name)
+        )
+        while not later:
+            later = self._reader.feed(self._recv_handshake())
+        answer, later = later[0], later[1:]
+        self.ring.unlink()
+        if answer.type == P.SHM_ACCEPT:
+            self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
+        elif answer.type == P.SHM_DECLINE:
+            reason = bytes(answer.payload).decode("utf-8", "replace")
+            self.ring.close()
+            self.ring = None
+            self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {reason})")
+        else:
+            raise P.ProtocolError("expected SHM_ACCEPT or SHM_DECLINE")
+        return _reencode(later)
+
+    def _offer_reason(self, flags: int) -> Optional[str]:
+        """Why this client gets no ring, or None to offer one."""
+        if self.server.shm_unavailable is not None:
+            return self.server.shm_unavailable
+        if flags & P.NO_SHM_SUPPORT:
+            return "client has no posix_ipc"
+        if not flags & P.WANT_SHM:
+            return "client asked for the socket"
+        return None
+
+    def _open(self, path: str) -> None:
+        try:
+            self.file = self.server.files.acquire(path)
+        except OSError as exc:
+            self.server.warn(f"Client {self.id} access denied for {path}: {P.exception_text(exc)}")
+            raise _Reported(exc) from None
+        self.server.info(f"Client {self.id} opened {path} (clients of this file: {self.file.clients})")
+
+    # -- socket data path -------------------------------------------------
+    def _serve_socket(self, rest: bytes) -> None:
+        self.sock.settimeout(None)
+        chunk = rest
+        while True:
+            if chunk:
+                if self.framed:
+                    self._handle_frames(self._reader.feed(chunk))
+                else:
+                    self._append([chunk])
+            try:
+                chunk = self.sock.recv(RECV_SIZE)
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                self._finish()
+                return
+
+    def _handle_frames(self, frames: List[P.Frame]) -> None:
+        """DATA frames are batched into one append; FLUSH waits for what is before it."""
+        batch: List[memoryview] = []
+        for f in frames:
+            if f.type == P.DATA:
+                batch.append(f.payload)
+            elif f.type == P.FLUSH:
+                token = P.decode_u64(f.payload)
+                self._append(batch)
+                batch = []
+                self._drain_ring()
+                if self.fsync:
+                    self.file.sync()
+                self.sock.sendall(P.encode_u64(P.FLUSHED, token))
+            else:
+                raise P.ProtocolError(f"unexpected frame {chr(f.type)!r} after the handshake")
+        self._append(batch)
+
+    def _append(self, parts: List) -> None:
+        if not parts:
+            return
+        try:
+            self.file.append(parts)
+        except OSError as exc:
+            self.server.warn(f"Failed to write to {self.file.path} for client {self.id}: {exc}")
+            if self.ring is not None:
+                self.ring.consumer.fail(exc.errno or errno.EIO)
+            raise _Reported(exc) from None
+
+    def _finish(self) -> None:
+        """EOF from the client: everything is written; say BYE (or that we exit)."""
+        self._drain_ring()
+        if self.server.stopping:
+            self._send_error(SERVER_EXITED)
+            return
+        try:
+            self.sock.sendall(P.frame(P.BYE) if self.framed else P.LEGACY_BYE)
+        except OSError:
+            pass
+
+    # -- ring data path -----------------------------------------------------
+    def _serve_ring(self) -> None:
+        ring = self.ring
+        consumer = ring.consumer
+        self.sock.settimeout(None)
+        self.sock.setblocking(False)
+        doorbells = self.server.doorbells
+        doorbells.watch(self)
+        try:
+            idle = 0
+            while True:
+                if self._drain_ring():
+                    idle = 0
+                    continue
+                if self.sock_ready:
+                    self.sock_ready = False
+                    if self._read_control():
+                        self._finish()
+                        return
+                    doorbells.rearm(self)
+                    continue
+                if idle < NAPS_BEFORE_SLEEP:
+                    idle += 1
+                    _acquire(ring.sem, NAP)
+                else:
+                    self._sleep(consumer, ring.sem)
+        finally:
+            doorbells.forget(self)
+
+    def _drain_ring(self) -> bool:
+        """Write everything published in the ring; True if there was anything."""
+        if self.ring is None:
+            return False
+        consumer = self.ring.consumer
+        try:
+            head = consumer.available()
+        except RingCorrupt as exc:
+            self.server.warn(f"Client {self.id} corrupted its ring: {exc}")
+            raise _Reported(ValueError(f"ring corrupted: {exc}")) from None
+        if head == consumer.tail:
+            return False
+        self._append(consumer.views(head))
+        consumer.release(head)
+        return True
+
+    def _sleep(self, consumer, sem) -> None:
+        """The sleep handshake argued in offlog.shm.ring."""
+        consumer.set_state(layout.SLEEPING)
+        try:
+            if consumer.available() != consumer.tail or self.sock_ready:
+                return
+            if _acquire(sem, SETTLE) or consumer.available() != consumer.tail:
+                return
+            _acquire(sem, IDLE_WAIT)
+        finally:
+            consumer.set_state(layout.AWAKE)
+
+    def _read_control(self) -> bool:
+        """Handle whatever the client sent on the socket; True on EOF."""
+        while True:
+            try:
+                chunk = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return True
+            self._drain_ring()
+            self._handle_frames(self._reader.feed(chunk))
+
+    # -- teardown -----------------------------------------------------------
+    def _send_error(self, exc: BaseException) -> None:
+        message = P.encode_error(exc) if self.framed else P.encode_legacy_error(exc)
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(1.0)
+            self.sock.sendall(message)
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        server = self.server
+        try:
+            self.sock.close()
+            if self.ring is not None:
+                self.ring.close()
+            if self.file is not None:
+                server.info(f"Client {self.id} closed {self.file.path}")
+                if server.files.release(self.file):
+                    server.info(f"Closed {self.file.path}")
+            server.info(f"Client {self.id} disconnected")
+        finally:
+            server.session_done(self)
+            self.finished.set()
+
+
+class _Reported(Exception):
+    """An error already logged, to be sent to the client as ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _reencode(frames: List[P.Frame]) -> bytes:
+    """Frames that arrived with the handshake, back as bytes for the data path."""
+    return b"".join(P.frame(f.type, bytes(f.payload)) for f in frames)
+
+
+def _acquire(sem, timeout: float) -> bool:
+    try:
+        sem.acquire(timeout)
+        return True
+    except Exception:  # posix_ipc.BusyError: timed out
+        return False
+
+
+class Doorbells:
+    """Rings a ring session's doorbell when its control socket is readable."""
+
+    MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sessions: Dict[int, Session] = {}
+        self._stop_r, self._stop_w = os.pipe()
+        self._epoll.register(self._stop_r, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="doorbells", daemon=True)
+        self._thread.start()
+
+    def watch(self, session: Session) -> None:
+        fd = session.sock.fileno()
+        self._sessions[fd] = session
+        self._epoll.register(fd, self.MASK)
+
+    def rearm(self, session: Session) -> None:
+        self._epoll.modify(session.sock.fileno(), self.MASK)
+
+    def forget(self, session: Session) -> None:
+        fd = session.sock.fileno()
+        self._sessions.pop(fd, None)
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        while True:
+            for fd, _ in self._epoll.poll():
+                if fd == self._stop_r:
+                    return
+                session = self._sessions.get(fd)
+                if session is not None and session.ring is not None:
+                    session.sock_ready = True
+                    try:
+                        session.ring.sem.release()
+                    except Exception:
+                        pass  # the session closed its ring meanwhile
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(1.0)
+
+
+def install_signal_handlers(server: Server) -> None:
+    def stop(signum, frame):
+        server.request_stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reopen())
+
+
+def raise_fd_limit() -> None:
+    """Allow as many clients as the hard limit permits."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def notify_systemd(message: bytes = b"READY=1") -> bool:
+    """Send one datagram to $NOTIFY_SOCKET (the whole sd_notify protocol)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0)) as sock:
+        sock.connect(address)
+        sock.sendall(message)
+    return True
+
+
+def main_server(args, log: Logger) -> int:
+    raise_fd_limit()
+    threading.stack_size(512 * 1024)
+    server = Server(args.socket_file, log, shm=args.shm, ring_size=args.ring_size)
+    log.info("This is offlog server")
+    try:
+        server.bind()
+    except (RuntimeError, FileExistsError, OSError) as exc:
+        log.error(f"Cannot listen on {args.socket_file}: {exc}")
+        return 1
+    install_signal_handlers(server)
+    log.info(f"Listening on socket {args.socket_file}")
+    if args.shm:
+        if server.shm_unavailable:
+            log.warning(f"Shared memory disabled: {server.shm_unavailable}")
+        else:
+            log.info(f"Offering shared-memory rings of {server.ring_size} bytes")
+    if args.notify and not notify_systemd():
+        log.warning("--notify given but NOTIFY_SOCKET is not set")
+    server.serve_forever()
+    sys.stdout.flush()
+    return 0

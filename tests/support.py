@@ -1,0 +1,201 @@
+"""Real processes for the tests: offlog servers, 0.x peers, client scripts.
+
+Every process started here is remembered and ended by pid at teardown; every
+temporary directory is short (Unix socket paths are limited to 108 bytes) and
+removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS_DIR = REPO / ".peers"
+PEER_VERSIONS = ("0.1.0", "0.3.1")
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def socket_answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def shm_objects() -> set:
+    """offlog's named objects in /dev/shm right now."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if "offlog." in n}
+    except FileNotFoundError:
+        return set()
+
+
+class Processes:
+    """Tracks every child process a test starts; ends them all by pid."""
+
+    def __init__(self) -> None:
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, argv, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def end_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            for stream in (proc.stdout, proc.stderr, proc.stdin):
+                if stream:
+                    stream.close()
+
+
+class ServerProcess:
+    """One `python -m offlog` process (ours, or a 0.x peer's with ``pythonpath``)."""
+
+    def __init__(
+        self,
+        procs: Processes,
+        workdir: Path,
+        *args: str,
+        pythonpath: Optional[str] = None,
+        sock: Optional[str] = None,
+        env: Optional[dict] = None,
+    ) -> None:
+        self.procs = procs
+        self.workdir = workdir
+        self.sock = sock or str(workdir / "offlog.sock")
+        self.args = args
+        self.pythonpath = pythonpath
+        self.extra_env = env or {}
+        self.log_path = workdir / f"server-{len(procs.procs)}.out"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = self.pythonpath or str(REPO)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    def start(self, wait: bool = True) -> "ServerProcess":
+        self._out = open(self.log_path, "ab")
+        self.proc = self.procs.start(
+            [sys.executable, "-m", "offlog", "-s", self.sock, *self.args],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.workdir),
+            env=self.env(),
+        )
+        self._out.close()
+        if wait:
+            wait_for(lambda: socket_answers(self.sock) or self.proc.poll() is not None, what="server socket")
+            assert self.proc.poll() is None, f"server exited early:\n{self.output()}"
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        return wait_for(lambda: text in self.output() and self.output(), timeout, what=f"log line {text!r}")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the graceful stop."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def peer_path(version: str) -> str:
+    """offlog==version from PyPI, installed into its own directory (cached in .peers/)."""
+    target = PEERS_DIR / f"offlog-{version}"
+    marker = target / ".installed"
+    if not marker.exists():
+        shutil.rmtree(target, ignore_errors=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "--target",
+                str(target),
+                f"offlog=={version}",
+            ],
+            check=True,
+        )
+        marker.write_text(version)
+    return str(target)
+
+
+def client_script(
+    procs: Processes,
+    workdir: Path,
+    code: str,
+    *,
+    pythonpath: Optional[str] = None,
+    wait: bool = True,
+    timeout: float = 60.0,
+    stdout=subprocess.PIPE,
+) -> subprocess.Popen:
+    """Run ``code`` in a fresh interpreter (ours, or a peer's with ``pythonpath``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pythonpath or str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = procs.start(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        cwd=str(workdir),
+        env=env,
+        text=True,
+    )
+    if wait:
+        out, err = proc.communicate(timeout=timeout)
+        proc.stdout_text, proc.stderr_text = out, err
+    return proc
+
+
+def short_tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="offlog-", dir="/tmp"))
