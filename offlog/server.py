@@ -29,6 +29,7 @@ file.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import os
 import select
 import selectors
@@ -231,6 +232,7 @@ class Session:
         self.sock_ready = False
         self.finished = threading.Event()
         self._reader = P.FrameReader(P.CLIENT_FRAMES)
+        self._early_frames: List[P.Frame] = []  # frames that came with the handshake
 
     # -- entry point --------------------------------------------------------
     def run(self) -> None:
@@ -238,6 +240,8 @@ class Session:
         server.info(f"Client {self.id} connected{peer_credentials(self.sock)}")
         try:
             rest = self._handshake()
+            if self.framed:
+                self._handle_frames(self._early_frames)
             if self.ring is not None:
                 self._serve_ring()
             else:
@@ -248,7 +252,7 @@ class Session:
             self._send_error(exc.error)
         except P.ProtocolError as exc:
             server.warn(f"Client {self.id} protocol error: {exc}")
-            self._send_error(exc)
+            self._send_error(ValueError(f"protocol error: {exc}"))
         except Exception as exc:  # one client's failure never takes the server down
             server.warn(f"Client {self.id} error: {P.exception_text(exc)}")
             self._send_error(exc)
@@ -267,8 +271,9 @@ class Session:
 
     # -- handshake ---------------------------------------------------------
     def _handshake(self) -> bytes:
-        """Read the path (either dialect), open the file; return bytes already
-        received after the handshake."""
+        """Read the path (either dialect) and open the file. Returns raw data
+        that came with a legacy handshake; frames that came with a framed one
+        are kept in ``_early_frames``."""
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
         buf = self._recv_handshake()
         while len(buf) < len(P.CLIENT_PREAMBLE) and P.CLIENT_PREAMBLE.startswith(buf):
@@ -276,7 +281,8 @@ class Session:
         if buf.startswith(P.CLIENT_PREAMBLE):
             self.framed = True
             self.sock.sendall(P.SERVER_PREAMBLE)
-            return self._framed_handshake(buf[len(P.CLIENT_PREAMBLE) :])
+            self._framed_handshake(buf[len(P.CLIENT_PREAMBLE) :])
+            return b""
         self.framed = False
         return self._legacy_handshake(buf)
 
@@ -308,7 +314,7 @@ class Session:
         self.server.info(f"Client {self.id} transport: socket (0.x client)")
         return rest
 
-    def _framed_handshake(self, buf: bytes) -> bytes:
+    def _framed_handshake(self, buf: bytes) -> None:
         frames = self._reader.feed(buf)
         while not frames:
             frames = self._reader.feed(self._recv_handshake())
@@ -333,7 +339,8 @@ class Session:
         if self.ring is None:
             self.sock.sendall(P.encode_opened(note=reason))
             self.server.info(f"Client {self.id} transport: socket ({reason})")
-            return _reencode(later)
+            self._early_frames = later
+            return
         self.sock.sendall(
             P.encode_opened(P.SHM_OFFERED) + P.encode_offer(self.ring.capacity, self.ring.shm_name, self.ring.sem_name)
         )
@@ -350,7 +357,7 @@ class Session:
             self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {reason})")
         else:
             raise P.ProtocolError("expected SHM_ACCEPT or SHM_DECLINE")
-        return _reencode(later)
+        self._early_frames = later
 
     def _offer_reason(self, flags: int) -> Optional[str]:
         """Why this client gets no ring, or None to offer one."""
@@ -533,11 +540,6 @@ class _Reported(Exception):
         self.error = error
 
 
-def _reencode(frames: List[P.Frame]) -> bytes:
-    """Frames that arrived with the handshake, back as bytes for the data path."""
-    return b"".join(P.frame(f.type, bytes(f.payload)) for f in frames)
-
-
 def _acquire(sem, timeout: float) -> bool:
     try:
         sem.acquire(timeout)
@@ -599,6 +601,8 @@ def install_signal_handlers(server: Server) -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # stack dump for a stuck server
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reopen())
 
