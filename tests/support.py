@@ -24,6 +24,15 @@ PEERS_DIR = REPO / ".peers"
 PEER_VERSIONS = ("0.1.0", "0.3.1")
 
 
+def child_env(pythonpath: Optional[str] = None, **extra: str) -> dict:
+    """Environment of a child interpreter: our package, or a 0.x peer's with ``pythonpath``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pythonpath or str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -95,11 +104,7 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def env(self) -> dict:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = self.pythonpath or str(REPO)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(self.extra_env)
-        return env
+        return child_env(self.pythonpath, **self.extra_env)
 
     def start(self, wait: bool = True) -> "ServerProcess":
         self._out = open(self.log_path, "ab")
@@ -180,15 +185,12 @@ def client_script(
     stdout=subprocess.PIPE,
 ) -> subprocess.Popen:
     """Run ``code`` in a fresh interpreter (ours, or a peer's with ``pythonpath``)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = pythonpath or str(REPO)
-    env["PYTHONUNBUFFERED"] = "1"
     proc = procs.start(
         [sys.executable, "-c", textwrap.dedent(code)],
         stdout=stdout,
         stderr=subprocess.PIPE,
         cwd=str(workdir),
-        env=env,
+        env=child_env(pythonpath),
         text=True,
     )
     if wait:
