@@ -135,6 +135,16 @@ class SocketTransport:
         self._queued = 0
         self._lock = threading.Lock()
         self._tokens = itertools.count(1)
+        self._error: Optional[BaseException] = None  # what the server reported, once
+
+    def _server_error(self, fallback: Optional[BaseException] = None) -> BaseException:
+        """The error the server reported (read once, then remembered)."""
+        if self._error is None:
+            error = self._channel.server_error(_Deadline(self._timeout))
+            if fallback is not None and isinstance(error, BrokenPipeError):
+                error = fallback
+            self._error = error
+        return self._error
 
     @property
     def backlog_bytes(self) -> int:
@@ -166,7 +176,7 @@ class SocketTransport:
         except (BlockingIOError, InterruptedError):
             return pieces
         except (BrokenPipeError, ConnectionResetError):
-            raise self._channel.server_error(_Deadline(self._timeout)) from None
+            raise self._server_error() from None
         return _unsent(pieces, sent)
 
     def _pump_locked(self) -> None:
@@ -223,11 +233,13 @@ class SocketTransport:
     def close(self) -> None:
         deadline = _Deadline(self._timeout)
         try:
+            if self._error is not None:
+                return  # already reported to the caller; the server has closed
             self._drain(deadline)
             try:
                 self._sock.shutdown(socket.SHUT_WR)
             except OSError:
-                raise self._channel.server_error(deadline) from None
+                raise self._server_error() from None
             self._await_bye(deadline)
         finally:
             self._sock.close()
@@ -284,10 +296,8 @@ class ShmTransport(SocketTransport):
         self.write = self._producer.write  # the hot path: see Producer.write
 
     def _failed(self, code: int) -> None:
-        error = self._channel.server_error(_Deadline(self._timeout))
-        if isinstance(error, BrokenPipeError):
-            error = OSError(code, os.strerror(code))
-        raise error
+        """The consumer flagged a failure in the ring header: raise what the server sent."""
+        raise self._server_error(fallback=OSError(code, os.strerror(code)))
 
     @property
     def backlog_bytes(self) -> int:
@@ -353,7 +363,9 @@ def open_transport(
             raise P.decode_error(f.payload)
         if f.type != P.OPENED:
             raise P.ProtocolError(f"expected OPENED, got frame {f.type:#04x}")
-        _, opened_flags, note = P.decode_opened(f.payload)
+        version, opened_flags, note = P.decode_opened(f.payload)
+        if version != P.VERSION:
+            raise P.ProtocolError(f"server speaks protocol version {version}, this client {P.VERSION}")
         if not opened_flags & P.SHM_OFFERED:
             if shm:
                 raise ShmUnavailableError(f"shm=True but the server offered no ring: {note}")

@@ -80,8 +80,16 @@ class OpenFile:
             if fsync:
                 os.fsync(self.fd)
             if self.reopen_pending:
-                self.reopen()
+                self._reopen_after_write()
             return total
+
+    def _reopen_after_write(self) -> None:
+        """A rotation noticed while this file was busy: the bytes are written,
+        so a failed reopen only means we keep appending to the old file."""
+        try:
+            self.reopen()
+        except OSError:
+            self.reopen_pending = False
 
     def sync(self) -> None:
         with self.lock:

@@ -78,7 +78,7 @@ SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring and doorbell
 SHM_DECLINE = ord("N")  # utf-8 reason: the client could not use the offer
 
 # Server -> client frame types.
-OPENED = ord("K")  # u16 version, u16 flags
+OPENED = ord("K")  # u16 version, u16 flags, utf-8 note (why no ring)
 SHM_OFFER = ord("S")  # u64 capacity, shm name, NUL, semaphore name
 FLUSHED = ord("f")  # u64 token
 ERROR = ord("E")  # u32 errno (0: none), utf-8 "<ExceptionClass>: <message>"

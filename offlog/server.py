@@ -328,6 +328,8 @@ class Session:
         except ValueError as exc:
             self.server.warn(f"Client {self.id} error, {exc}")
             raise _Reported(exc) from None
+        if version < P.VERSION:
+            raise P.ProtocolError(f"protocol version {version} is not supported (need {P.VERSION})")
         self.fsync = bool(flags & P.FSYNC)
         self._open(path)
         reason = self._offer_reason(flags)
@@ -407,17 +409,20 @@ class Session:
                 batch = []
                 self._drain_ring()
                 if self.fsync:
-                    self.file.sync()
+                    self._write_or_report(self.file.sync)
                 self.sock.sendall(P.encode_u64(P.FLUSHED, token))
             else:
                 raise P.ProtocolError(f"unexpected frame {chr(f.type)!r} after the handshake")
         self._append(batch)
 
     def _append(self, parts: List) -> None:
-        if not parts:
-            return
+        if parts:
+            self._write_or_report(self.file.append, parts)
+
+    def _write_or_report(self, operation, *args) -> None:
+        """Run a file operation; an OSError ends this client with that error."""
         try:
-            self.file.append(parts)
+            operation(*args)
         except OSError as exc:
             self.server.warn(f"Failed to write to {self.file.path} for client {self.id}: {exc}")
             if self.ring is not None:
@@ -427,7 +432,14 @@ class Session:
     def _finish(self) -> None:
         """EOF from the client: everything is written; say BYE (or that we exit)."""
         self._drain_ring()
+        if self._reader.pending:
+            self.server.warn(
+                f"Client {self.id} closed in the middle of a frame: {self._reader.pending} bytes of an"
+                " incomplete write discarded"
+            )
         if self.server.stopping:
+            if self.ring is not None:
+                self.ring.consumer.fail(errno.ESHUTDOWN)
             self._send_error(SERVER_EXITED)
             return
         try:
@@ -469,24 +481,30 @@ class Session:
         if self.ring is None:
             return False
         consumer = self.ring.consumer
-        try:
-            head = consumer.available()
-        except RingCorrupt as exc:
-            self.server.warn(f"Client {self.id} corrupted its ring: {exc}")
-            raise _Reported(ValueError(f"ring corrupted: {exc}")) from None
+        head = self._published()
         if head == consumer.tail:
             return False
         self._append(consumer.views(head))
         consumer.release(head)
         return True
 
+    def _published(self) -> int:
+        """The ring's head, checked; a corrupt header ends this client (only)."""
+        consumer = self.ring.consumer
+        try:
+            return consumer.available()
+        except RingCorrupt as exc:
+            self.server.warn(f"Client {self.id} corrupted its ring: {exc}")
+            consumer.fail(errno.EBADMSG)
+            raise _Reported(ValueError(f"ring corrupted: {exc}")) from None
+
     def _sleep(self, consumer, sem) -> None:
         """The sleep handshake argued in offlog.shm.ring."""
         consumer.set_state(layout.SLEEPING)
         try:
-            if consumer.available() != consumer.tail or self.sock_ready:
+            if self._published() != consumer.tail or self.sock_ready:
                 return
-            if _acquire(sem, SETTLE) or consumer.available() != consumer.tail:
+            if _acquire(sem, SETTLE) or self._published() != consumer.tail:
                 return
             _acquire(sem, IDLE_WAIT)
         finally:

@@ -45,8 +45,8 @@ def unsupported_reason() -> Optional[str]:
         return "posix_ipc is not installed"
     if not sys.platform.startswith("linux"):
         return f"rings are supported on Linux only, not {sys.platform}"
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return f"the ring's ordering argument needs x86 (TSO), not {platform.machine()}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the ring's ordering argument needs x86-64 (TSO, atomic 8-byte access), not {platform.machine()}"
     return None
 
 

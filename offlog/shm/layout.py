@@ -64,7 +64,7 @@ AWAKE = 0
 SLEEPING = 1
 FAILED = 2
 
-MIN_CAPACITY = 4096
+MIN_CAPACITY = 64 * 1024  # every write up to 64 KiB stays whole
 MAX_CAPACITY = 1 << 30
 DEFAULT_CAPACITY = 4 * 1024 * 1024
 
