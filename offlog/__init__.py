@@ -6,14 +6,16 @@ and does the blocking I/O. ``ProxyFile`` is the file-like client,
 """
 
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, FileProxy, ProxyFile, ShmUnavailableError
+from .handler import OfflogHandler
 from .logger import CRITICAL, DEBUG, ERROR, INFO, WARNING, Logger
 
-__version__ = "1.0.0"
+__version__ = "1.0.0.dev0"
 
 __all__ = [
     "ProxyFile",
     "FileProxy",
     "Logger",
+    "OfflogHandler",
     "ShmUnavailableError",
     "DEBUG",
     "INFO",

@@ -27,7 +27,9 @@ on their first write.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
+import json
 import os
 import select
 import socket
@@ -35,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, Union
 
 from . import protocol as P
 from .shm import ClientRing, unsupported_reason
@@ -84,6 +86,21 @@ class _Channel:
         except ConnectionResetError:
             return b""
 
+    def greeting(self, deadline: _Deadline) -> bytes:
+        """Read the server's first bytes: SERVER_PREAMBLE from a current server,
+        anything else (an error message and EOF) from a 0.x server. Bytes after
+        the preamble are kept for :meth:`frame`."""
+        data = b""
+        while len(data) < len(P.SERVER_PREAMBLE) and P.SERVER_PREAMBLE.startswith(data):
+            chunk = self._recv(deadline)
+            if not chunk:
+                break
+            data += chunk
+        if data.startswith(P.SERVER_PREAMBLE):
+            self.feed(data[len(P.SERVER_PREAMBLE) :])
+            return P.SERVER_PREAMBLE
+        return data
+
     def frame(self, deadline: _Deadline) -> P.Frame:
         while not self._frames:
             chunk = self._recv(deadline)
@@ -120,12 +137,62 @@ class _Channel:
             return BrokenPipeError("the offlog server closed the connection")
 
 
+ON_FULL = ("drop", "block", "raise")
+
+
+class QueueLimit:
+    """What happens when a write would grow the local queue past ``max_bytes``.
+
+    ``drop``: the write is discarded and counted; ``block``: wait (at most the
+    ProxyFile's timeout) until the queue has room; ``raise``: BlockingIOError.
+    A write is always admitted into an empty queue, whatever its size.
+    """
+
+    def __init__(self, max_bytes: int, on_full: str, timeout_ms: Optional[float]) -> None:
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {ON_FULL}, not {on_full!r}")
+        if max_bytes < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.max_bytes = max_bytes
+        self.on_full = on_full
+        self.timeout = timeout_ms
+        self.dropped = 0
+
+    def admit(self, queued: int, n: int, make_room: Callable[[], int]) -> bool:
+        if not queued or queued + n <= self.max_bytes:
+            return True
+        if self.on_full == "drop":
+            self.dropped += n
+            return False
+        if self.on_full == "raise":
+            raise BlockingIOError(
+                errno.ENOBUFS, f"offlog queue full: {queued} bytes queued, max_queue is {self.max_bytes}"
+            )
+        deadline = _Deadline(self.timeout)
+        while True:
+            queued = make_room()
+            if not queued or queued + n <= self.max_bytes:
+                return True
+            try:
+                deadline.left()
+            except TimeoutError:
+                raise TimeoutError(f"offlog queue stayed full ({queued} bytes) for the whole timeout") from None
+            time.sleep(0.0005)
+
+
+def _admit_all(queued: int, n: int, make_room: Callable[[], int]) -> bool:
+    return True
+
+
 class SocketTransport:
     """Bytes over the socket, framed or (0.x server) raw."""
 
     name = "socket"
 
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float]) -> None:
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
+        self._limit = limit
+        self._admit = limit.admit if limit else _admit_all
+        self._dropped_reported = 0
         self._channel = channel
         self._sock = channel.sock
         self._sock.setblocking(False)
@@ -161,13 +228,19 @@ class SocketTransport:
                 pieces = []
                 for chunk in _split(view, P.MAX_PAYLOAD):
                     pieces += (memoryview(P.frame_header(P.DATA, chunk.nbytes)), chunk)
+            if self._backlog:
+                self._pump_locked()
+            if self._backlog and not self._admit(self._queued, view.nbytes, self._make_room):
+                return  # dropped (and counted) by the queue limit
             if not self._backlog:
                 pieces = self._send(pieces)
             for piece in pieces:
                 self._backlog.append(memoryview(bytes(piece)))
                 self._queued += piece.nbytes
-            if self._backlog:
-                self._pump_locked()
+
+    def _make_room(self) -> int:
+        self._pump_locked()
+        return self._queued
 
     def _send(self, pieces: List[memoryview]) -> List[memoryview]:
         """Send what the socket takes now; return the unsent rest."""
@@ -215,6 +288,7 @@ class SocketTransport:
             return  # a 0.x server cannot confirm writes: sent is all we know
         token = next(self._tokens)
         with self._lock:
+            self._report_dropped(deadline)
             self._send_control(P.encode_u64(P.FLUSH, token), deadline)
         while True:
             f = self._channel.frame(deadline)
@@ -222,6 +296,13 @@ class SocketTransport:
                 return
             if f.type == P.ERROR:
                 raise P.decode_error(f.payload)
+
+    def _report_dropped(self, deadline: _Deadline) -> None:
+        """Tell the server how many bytes the queue limit dropped (for its status and log)."""
+        dropped = self._limit.dropped if self._limit else 0
+        if dropped != self._dropped_reported and self._framed:
+            self._send_control(P.encode_u64(P.DROPPED, dropped), deadline)
+            self._dropped_reported = dropped
 
     def _send_control(self, message: bytes, deadline: _Deadline) -> None:
         view = [memoryview(message)]
@@ -236,6 +317,8 @@ class SocketTransport:
             if self._error is not None:
                 return  # already reported to the caller; the server has closed
             self._drain(deadline)
+            with self._lock:
+                self._report_dropped(deadline)
             try:
                 self._sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -289,8 +372,10 @@ class ShmTransport(SocketTransport):
 
     name = "shm"
 
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float], ring: ClientRing) -> None:
-        super().__init__(channel, timeout_ms)
+    def __init__(
+        self, channel: _Channel, timeout_ms: Optional[float], ring: ClientRing, limit: Optional[QueueLimit] = None
+    ) -> None:
+        super().__init__(channel, timeout_ms, limit)
         self._ring = ring
         self._producer = ring.producer
         self.write = self._producer.write  # the hot path: see Producer.write
@@ -329,7 +414,12 @@ class ShmTransport(SocketTransport):
 
 
 def open_transport(
-    path: str, sock_path: str, timeout_ms: Optional[float], shm: Optional[bool], fsync: bool
+    path: str,
+    sock_path: str,
+    timeout_ms: Optional[float],
+    shm: Optional[bool],
+    fsync: bool,
+    limit: Optional[QueueLimit] = None,
 ) -> SocketTransport:
     """Connect, handshake, negotiate a ring; return the transport to use."""
     deadline = _Deadline(timeout_ms)
@@ -346,18 +436,11 @@ def open_transport(
             sock.sendall(P.CLIENT_PREAMBLE + P.encode_open(path, flags))
         except (BrokenPipeError, ConnectionResetError):
             pass  # a 0.x server may reply and close before reading it all
-        greeting = b""
-        while len(greeting) < len(P.SERVER_PREAMBLE) and P.SERVER_PREAMBLE.startswith(greeting):
-            chunk = channel._recv(deadline)
-            if not chunk:
-                break
-            greeting += chunk
-        if not greeting.startswith(P.SERVER_PREAMBLE):
+        if channel.greeting(deadline) != P.SERVER_PREAMBLE:
             sock.close()
             if shm:
                 raise ShmUnavailableError("shm=True but the server is offlog 0.x (socket only)")
-            return _open_legacy(path, sock_path, deadline, timeout_ms)
-        channel.feed(greeting[len(P.SERVER_PREAMBLE) :])
+            return _open_legacy(path, sock_path, deadline, timeout_ms, limit)
         f = channel.frame(deadline)
         if f.type == P.ERROR:
             raise P.decode_error(f.payload)
@@ -369,35 +452,57 @@ def open_transport(
         if not opened_flags & P.SHM_OFFERED:
             if shm:
                 raise ShmUnavailableError(f"shm=True but the server offered no ring: {note}")
-            return SocketTransport(channel, timeout_ms)
+            return SocketTransport(channel, timeout_ms, limit)
         offer = channel.frame(deadline)
         if offer.type != P.SHM_OFFER:
             raise P.ProtocolError("expected SHM_OFFER")
         capacity, shm_name, sem_name = P.decode_offer(offer.payload)
         transport: List[ShmTransport] = []
         try:
-            ring = ClientRing(capacity, shm_name, sem_name, lambda code: transport[0]._failed(code))
+            ring = ClientRing(
+                capacity, shm_name, sem_name, lambda code: transport[0]._failed(code), limit.admit if limit else None
+            )
         except Exception as exc:
             sock.sendall(P.frame(P.SHM_DECLINE, P.exception_text(exc).encode()))
             if shm:
                 raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
-            return SocketTransport(channel, timeout_ms)
+            return SocketTransport(channel, timeout_ms, limit)
         sock.sendall(P.frame(P.SHM_ACCEPT))
-        transport.append(ShmTransport(channel, timeout_ms, ring))
+        transport.append(ShmTransport(channel, timeout_ms, ring, limit))
         return transport[0]
     except BaseException:
         sock.close()
         raise
 
 
-def _open_legacy(path: str, sock_path: str, deadline: _Deadline, timeout_ms: Optional[float]) -> SocketTransport:
+def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = DEFAULT_TIMEOUT) -> dict:
+    """Ask a running server for its status (what ``python -m offlog status`` prints)."""
+    deadline = _Deadline(timeout)
+    channel = _Channel(_connect(sock_path, deadline), framed=True)
+    try:
+        channel.sock.sendall(P.CLIENT_PREAMBLE + P.frame(P.STATUS))
+        if channel.greeting(deadline) != P.SERVER_PREAMBLE:
+            raise P.ProtocolError("the server at this socket does not report status (offlog 0.x?)")
+        reply = channel.frame(deadline)
+        if reply.type == P.ERROR:
+            raise P.decode_error(reply.payload)
+        if reply.type != P.STATUS_REPLY:
+            raise P.ProtocolError(f"expected STATUS_REPLY, got frame {reply.type:#04x}")
+        return json.loads(bytes(reply.payload))
+    finally:
+        channel.sock.close()
+
+
+def _open_legacy(
+    path: str, sock_path: str, deadline: _Deadline, timeout_ms: Optional[float], limit: Optional[QueueLimit]
+) -> SocketTransport:
     channel = _Channel(_connect(sock_path, deadline), framed=False)
     try:
         channel.sock.sendall(P.encode_path(path) + P.NUL)
         reply = channel.legacy_message(deadline)
         if reply != b"OK":
             raise P.exception_from_text(reply.decode("utf-8", "replace"))
-        return SocketTransport(channel, timeout_ms)
+        return SocketTransport(channel, timeout_ms, limit)
     except BaseException:
         channel.sock.close()
         raise
@@ -426,6 +531,12 @@ class ProxyFile:
     and close(). ``shm``: None uses a shared-memory ring when the server
     offers one, True requires one (:class:`ShmUnavailableError` otherwise),
     False never uses one. ``fsync=True`` makes the server fsync on flush().
+
+    The local queue (writes the server cannot take yet) is unbounded by
+    default, as in offlog 0.x. ``max_queue=BYTES`` bounds it; ``on_full``
+    says what a write that would overflow it does: ``"drop"`` it (counted in
+    :attr:`dropped` and reported to the server), ``"block"`` until there is
+    room (at most ``timeout``), or ``"raise"`` BlockingIOError.
     """
 
     def __init__(
@@ -436,13 +547,16 @@ class ProxyFile:
         *,
         shm: Optional[bool] = None,
         fsync: bool = False,
+        max_queue: Optional[int] = None,
+        on_full: str = "drop",
     ) -> None:
         self.filepath = os.path.abspath(os.fsdecode(filepath))
         self.sock_path = sock_path
         self.timeout = timeout
         self._shm = shm
         self._fsync = fsync
-        self._transport = open_transport(self.filepath, sock_path, timeout, shm, fsync)
+        self._limit = QueueLimit(max_queue, on_full, timeout) if max_queue is not None else None
+        self._transport = open_transport(self.filepath, sock_path, timeout, shm, fsync, self._limit)
         self.write = self._transport.write  # type: ignore[method-assign]
         _live.add(self)
 
@@ -460,6 +574,11 @@ class ProxyFile:
     def transport(self) -> str:
         """``"shm"`` or ``"socket"``."""
         return self._transport.name
+
+    @property
+    def dropped(self) -> int:
+        """Bytes dropped because the local queue was full (``max_queue``, ``on_full="drop"``)."""
+        return self._limit.dropped if self._limit else 0
 
     @property
     def backlog(self) -> int:
@@ -494,7 +613,9 @@ class ProxyFile:
             self.write = self._transport.write  # type: ignore[method-assign]
 
     def _reconnect(self) -> None:
-        self._transport = open_transport(self.filepath, self.sock_path, self.timeout, self._shm, self._fsync)
+        self._transport = open_transport(
+            self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit
+        )
         self.write = self._transport.write  # type: ignore[method-assign]
 
     def __enter__(self) -> "ProxyFile":

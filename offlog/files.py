@@ -51,6 +51,8 @@ class OpenFile:
         self.clients = 0
         self.lock = threading.Lock()
         self.reopen_pending = False
+        self.bytes_written = 0
+        self.errors = 0
         self._opened = threading.Event()
         self._open_error: Optional[BaseException] = None
         self._identity: tuple = ()
@@ -76,9 +78,14 @@ class OpenFile:
     def append(self, parts: Sequence[Buffer], fsync: bool = False) -> int:
         """Write ``parts`` back to back as one append; return bytes written."""
         with self.lock:
-            total = _writev_all(self.fd, parts)
-            if fsync:
-                os.fsync(self.fd)
+            try:
+                total = _writev_all(self.fd, parts)
+                if fsync:
+                    os.fsync(self.fd)
+            except OSError:
+                self.errors += 1
+                raise
+            self.bytes_written += total
             if self.reopen_pending:
                 self._reopen_after_write()
             return total

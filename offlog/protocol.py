@@ -76,6 +76,8 @@ DATA = ord("D")  # bytes to append, written with one system call
 FLUSH = ord("F")  # u64 token: answer FLUSHED once everything before is written
 SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring and doorbell
 SHM_DECLINE = ord("N")  # utf-8 reason: the client could not use the offer
+DROPPED = ord("X")  # u64: bytes this client has dropped so far (its local queue was full)
+STATUS = ord("Q")  # empty, instead of OPEN: ask for the server's status
 
 # Server -> client frame types.
 OPENED = ord("K")  # u16 version, u16 flags, utf-8 note (why no ring)
@@ -83,9 +85,10 @@ SHM_OFFER = ord("S")  # u64 capacity, shm name, NUL, semaphore name
 FLUSHED = ord("f")  # u64 token
 ERROR = ord("E")  # u32 errno (0: none), utf-8 "<ExceptionClass>: <message>"
 BYE = ord("B")  # empty: every byte of the client's is written; closing
+STATUS_REPLY = ord("J")  # utf-8 JSON document (see docs/protocol.md), then close
 
-CLIENT_FRAMES = frozenset({OPEN, DATA, FLUSH, SHM_ACCEPT, SHM_DECLINE})
-SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE})
+CLIENT_FRAMES = frozenset({OPEN, DATA, FLUSH, SHM_ACCEPT, SHM_DECLINE, DROPPED, STATUS})
+SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY})
 
 # OPEN flags.
 WANT_SHM = 1 << 0  # the client would like a shared-memory ring
@@ -217,7 +220,7 @@ def decode_offer(payload: bytes) -> Tuple[int, str, str]:
 
 
 def encode_u64(ftype: int, value: int) -> bytes:
-    """FLUSH / FLUSHED: one u64."""
+    """FLUSH, FLUSHED, DROPPED: one u64."""
     return frame(ftype, _U64.pack(value))
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import json
 import os
 import select
 import selectors
@@ -39,8 +40,10 @@ import struct
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
+from . import __version__
 from . import protocol as P
 from .files import ROTATE_CHECK, FileTable, OpenFile
 from .logger import Logger
@@ -68,11 +71,17 @@ class Server:
         shm: bool = False,
         ring_size: int = layout.DEFAULT_CAPACITY,
         socket_mode: Optional[int] = None,
+        socket_group: Optional[str] = None,
     ) -> None:
         self.socket_path = socket_path
         self.shm = shm
         self.ring_size = layout.check_capacity(ring_size) if shm else ring_size
         self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.started = time.time()
+        self.errors = 0
+        self.dropped_closed = 0  # dropped bytes reported by clients that have left
+        self.recent_errors: Deque[str] = deque(maxlen=20)
         self.files = FileTable(self.info, self.warn)
         self.stopping = False
         self._log = log
@@ -92,8 +101,11 @@ class Server:
             self._log.info(msg)
 
     def warn(self, msg: str) -> None:
+        """Log a problem; it also counts in the status report."""
         with self._log_lock:
             self._log.warning(msg)
+            self.errors += 1
+            self.recent_errors.append(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}")
 
     # -- life cycle -------------------------------------------------------
     def bind(self) -> None:
@@ -101,6 +113,8 @@ class Server:
         _claim_socket_path(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
+        if self.socket_group is not None:
+            os.chown(self.socket_path, -1, _group_id(self.socket_group))
         if self.socket_mode is not None:
             os.chmod(self.socket_path, self.socket_mode)
         listener.listen(1024)
@@ -152,6 +166,30 @@ class Server:
                 self._next_id += 1
                 session = self._sessions[sid] = Session(self, sid, sock)
             threading.Thread(target=session.run, name=f"client-{sid}", daemon=True).start()
+
+    def status(self) -> dict:
+        """What ``python -m offlog status`` shows."""
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "socket": self.socket_path,
+            "uptime": round(time.time() - self.started, 3),
+            "shm": {
+                "offered": self.shm_unavailable is None,
+                "ring_size": self.ring_size,
+                "why_not": self.shm_unavailable,
+            },
+            "clients": [s.status() for s in sessions if s.file is not None],
+            "files": [
+                {"path": f.path, "clients": f.clients, "bytes_written": f.bytes_written, "errors": f.errors}
+                for f in self.files.snapshot()
+            ],
+            "errors": self.errors,
+            "recent_errors": list(self.recent_errors),
+            "dropped_bytes": self.dropped_closed + sum(s.dropped for s in sessions),
+        }
 
     def session_done(self, session: "Session") -> None:
         with self._sessions_lock:
@@ -207,15 +245,22 @@ def _claim_socket_path(path: str) -> None:
     raise RuntimeError(f"another offlog server is already listening on {path}")
 
 
-def peer_credentials(sock: socket.socket) -> str:
+def peer_credentials(sock: socket.socket) -> Tuple[Optional[int], Optional[int]]:
+    """(pid, uid) of the process at the other end, where the OS tells (SO_PEERCRED)."""
     so_peercred = getattr(socket, "SO_PEERCRED", None)
     if so_peercred is None:
-        return ""
+        return None, None
     try:
         pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, so_peercred, 12))
     except OSError:
-        return ""
-    return f" (pid {pid}, uid {uid})"
+        return None, None
+    return pid, uid
+
+
+def _group_id(group: str) -> int:
+    import grp
+
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
 class Session:
@@ -231,13 +276,18 @@ class Session:
         self.ring: Optional[ServerRing] = None
         self.sock_ready = False
         self.finished = threading.Event()
+        self.pid, self.uid = peer_credentials(sock)
+        self.connected = time.time()
+        self.written = 0
+        self.dropped = 0
         self._reader = P.FrameReader(P.CLIENT_FRAMES)
         self._early_frames: List[P.Frame] = []  # frames that came with the handshake
 
     # -- entry point --------------------------------------------------------
     def run(self) -> None:
         server = self.server
-        server.info(f"Client {self.id} connected{peer_credentials(self.sock)}")
+        who = f" (pid {self.pid}, uid {self.uid})" if self.pid is not None else ""
+        server.info(f"Client {self.id} connected{who}")
         try:
             rest = self._handshake()
             if self.framed:
@@ -258,6 +308,24 @@ class Session:
             self._send_error(exc)
         finally:
             self._close()
+
+    def status(self) -> dict:
+        if self.ring is not None:
+            transport, backlog = "shm", self.ring.consumer.unconsumed()
+        else:
+            transport, backlog = "socket", self._reader.pending
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "uid": self.uid,
+            "file": self.file.path,
+            "transport": transport,
+            "dialect": "framed" if self.framed else "0.x",
+            "connected": round(self.connected, 3),
+            "bytes_written": self.written,
+            "backlog": backlog,
+            "dropped_bytes": self.dropped,
+        }
 
     def interrupt(self) -> None:
         """Server stopping: make the session finish what it has and leave."""
@@ -319,6 +387,9 @@ class Session:
         while not frames:
             frames = self._reader.feed(self._recv_handshake())
         first, later = frames[0], frames[1:]
+        if first.type == P.STATUS:
+            self.sock.sendall(P.frame(P.STATUS_REPLY, json.dumps(self.server.status()).encode()))
+            raise ClientGone()  # a status query ends here
         if first.type != P.OPEN:
             raise P.ProtocolError("the first frame must be OPEN")
         try:
@@ -403,6 +474,8 @@ class Session:
         for f in frames:
             if f.type == P.DATA:
                 batch.append(f.payload)
+            elif f.type == P.DROPPED:
+                self.dropped = P.decode_u64(f.payload)
             elif f.type == P.FLUSH:
                 token = P.decode_u64(f.payload)
                 self._append(batch)
@@ -417,12 +490,12 @@ class Session:
 
     def _append(self, parts: List) -> None:
         if parts:
-            self._write_or_report(self.file.append, parts)
+            self.written += self._write_or_report(self.file.append, parts)
 
-    def _write_or_report(self, operation, *args) -> None:
+    def _write_or_report(self, operation, *args):
         """Run a file operation; an OSError ends this client with that error."""
         try:
-            operation(*args)
+            return operation(*args)
         except OSError as exc:
             self.server.warn(f"Failed to write to {self.file.path} for client {self.id}: {exc}")
             if self.ring is not None:
@@ -540,6 +613,9 @@ class Session:
             self.sock.close()
             if self.ring is not None:
                 self.ring.close()
+            if self.dropped:
+                server.warn(f"Client {self.id} dropped {self.dropped} bytes (its local queue was full)")
+                server.dropped_closed += self.dropped
             if self.file is not None:
                 server.info(f"Client {self.id} closed {self.file.path}")
                 if server.files.release(self.file):
@@ -653,7 +729,14 @@ def notify_systemd(message: bytes = b"READY=1") -> bool:
 def main_server(args, log: Logger) -> int:
     raise_fd_limit()
     threading.stack_size(512 * 1024)
-    server = Server(args.socket_file, log, shm=args.shm, ring_size=args.ring_size)
+    server = Server(
+        args.socket_file,
+        log,
+        shm=args.shm,
+        ring_size=args.ring_size,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+    )
     log.info("This is offlog server")
     try:
         server.bind()

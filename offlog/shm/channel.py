@@ -93,7 +93,7 @@ class ServerRing:
 class ClientRing:
     """Client side: opens the server's objects, unlinks them, produces into the ring."""
 
-    def __init__(self, capacity: int, shm_name: str, sem_name: str, on_failed) -> None:
+    def __init__(self, capacity: int, shm_name: str, sem_name: str, on_failed, admit=None) -> None:
         layout.check_capacity(capacity)
         try:
             memory = posix_ipc.SharedMemory(shm_name)
@@ -105,7 +105,7 @@ class ClientRing:
         finally:
             _unlink(posix_ipc.unlink_shared_memory, shm_name)
             _unlink(posix_ipc.unlink_semaphore, sem_name)
-        self.producer = Producer(self._map, capacity, self.sem.release, on_failed)
+        self.producer = Producer(self._map, capacity, self.sem.release, on_failed, admit)
 
     def close(self) -> None:
         self.sem.close()

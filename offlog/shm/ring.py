@@ -72,7 +72,7 @@ from __future__ import annotations
 import errno
 import time
 from collections import deque
-from typing import Callable, Deque, List, Union
+from typing import Callable, Deque, List, Optional, Union
 
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
@@ -122,9 +122,12 @@ class Producer:
         capacity: int,
         doorbell: Callable[[], None],
         on_failed: Callable[[int], None],
+        admit: Optional[Callable[[int, int, Callable[[], int]], bool]] = None,
     ) -> None:
         self._words, self._data = _words_and_data(mapping, capacity)
         layout.check_header(self._words, capacity, len(memoryview(mapping)))
+        # admit(queued, n, make_room) -> False to drop n bytes that would be queued.
+        self._admit = admit or (lambda queued, n, make_room: True)
         self._capacity = capacity
         self._mask = capacity - 1
         self._head = self._words[HEAD_WORD]
@@ -220,10 +223,19 @@ class Producer:
         view = memoryview(data).cast("B")
         if not view.nbytes:
             return
+        self._refresh_tail()
+        queued = self._backlog or view.nbytes > self._capacity - (self._head - self._tail)
+        if queued and not self._admit(self.backlog_bytes, view.nbytes, self._make_room):
+            return  # dropped (and counted) by the queue limit
         # Copy: the caller may reuse its buffer once write() returns.
         self._backlog.append(memoryview(bytes(view)))
         self.backlog_bytes += view.nbytes
         self._drain_backlog()
+
+    def _make_room(self) -> int:
+        if self._backlog:
+            self._drain_backlog()
+        return self.backlog_bytes
 
     def _drain_backlog(self) -> None:
         self._refresh_tail()
@@ -311,6 +323,10 @@ class Consumer:
         if first < n:
             parts.append(self._data[: n - first])
         return parts
+
+    def unconsumed(self) -> int:
+        """Bytes published but not yet written, as far as a status report needs (unchecked)."""
+        return max(0, self._words[HEAD_WORD] - self._tail)
 
     def release(self, position: int) -> None:
         """Everything before ``position`` is written: hand the space back."""
