@@ -211,7 +211,7 @@ class SocketTransport:
             if fallback is not None and isinstance(error, BrokenPipeError):
                 error = fallback
             self._error = error
-        return self._error
+        return self._error.with_traceback(None)  # raised again on every write: no growing traceback
 
     @property
     def backlog_bytes(self) -> int:
@@ -571,6 +571,10 @@ class ProxyFile:
         raise ValueError("write to a closed ProxyFile")
 
     @property
+    def closed(self) -> bool:
+        return self._transport is None
+
+    @property
     def transport(self) -> str:
         """``"shm"`` or ``"socket"``."""
         return self._transport.name
@@ -591,6 +595,8 @@ class ProxyFile:
         ``timeout`` in milliseconds, default the ProxyFile's. Against a 0.x
         server this only waits until everything is sent.
         """
+        if self._transport is None:
+            raise ValueError("flush of a closed ProxyFile")
         self._transport.flush(self.timeout if timeout is None else timeout)
 
     def close(self) -> None:

@@ -70,7 +70,7 @@ class OfflogHandler(logging.Handler):
         prints what went wrong).
         """
         with self.lock:
-            if self._open():
+            if not self._file.closed:
                 self._file.flush()
 
     def close(self) -> None:
@@ -80,11 +80,6 @@ class OfflogHandler(logging.Handler):
                 self._file.close()
             finally:
                 super().close()
-
-    def _open(self) -> bool:
-        # ProxyFile has no public "closed"; offlog's own exit hook may already
-        # have closed it when logging.shutdown() calls flush().
-        return self._file._transport is not None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._file.filepath} ({logging.getLevelName(self.level)})>"
