@@ -1,38 +1,34 @@
-"""Client side: ProxyFile and the transports under it.
+"""ProxyFile: what an application holds to append to a file through offlog.
 
 Theory of operation
 -------------------
-:class:`ProxyFile` is what applications hold; a *transport* moves its bytes:
+A ProxyFile owns one *transport* (:mod:`offlog.transports`) and binds its
+own ``write`` straight to the transport's ``write``: the hot path is one
+Python call, not two. Everything else here is about the moments between
+transports:
 
-* :class:`ShmTransport`: ``write`` is a copy into a shared-memory ring
-  (:class:`offlog.shm.ring.Producer`); the socket carries only control.
-* :class:`SocketTransport`: ``write`` is one non-blocking ``sendmsg`` of a
-  DATA frame (framed dialect) or of the raw bytes (0.x server).
-
-``ProxyFile.write`` is bound straight to the transport's ``write`` (one
-Python call on the hot path, not two). Both transports share the rules: a
-write never blocks; what cannot go out now waits in a local backlog, in
-order, and everything newer waits behind it; close() sends the backlog,
-waits for the server's BYE and raises whatever the server reported.
-
-Opening: the client speaks the framed dialect first. A 0.x server answers
-with an error instead of the ``OFFLOG\\0`` greeting; the client then
-reconnects and uses the 0.x handshake (unless ``shm=True`` was required).
-
-Fork: after ``os.fork()`` the child's ProxyFiles drop their transport
-(the parent still owns the ring, the socket and the backlog) and reconnect
-on their first write.
+* **Server restarts.** With ``reconnect=True`` (the default) a transport
+  that loses its server hands every byte the server had not confirmed to
+  :class:`_Reconnecting`, which becomes the transport: writes go on into its
+  local queue without blocking while a background thread reconnects (first
+  try at once, then with back-off up to once a second), re-sends the queue in
+  order and installs whatever transport the new server offers. Delivery is
+  at least once: a record appears twice only if the server died after
+  writing it and before confirming it. Errors about the file itself
+  (permission, ENOSPC, ...) are raised as always; only a lost server is
+  retried. ``reconnect=False`` raises instead, as offlog 0.x does.
+* **Fork.** The child's ProxyFiles drop their transport (the parent still
+  owns the ring, the socket and the queue) and reconnect on their first
+  write.
+* **Exit.** Every open ProxyFile is closed (its queue sent, the server's
+  confirmation awaited) at interpreter exit, uncaught exceptions included.
 """
 
 from __future__ import annotations
 
 import atexit
-import errno
-import itertools
-import json
 import os
-import select
-import socket
+import sys
 import threading
 import time
 import weakref
@@ -40,486 +36,27 @@ from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Union
 
 from . import protocol as P
-from .shm import ClientRing, unsupported_reason
-
-DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
-#: Milliseconds, as in offlog 0.x's documentation (and unlike its code).
-DEFAULT_TIMEOUT = 5000
-Buffer = Union[bytes, bytearray, memoryview, str]
-
-
-class ShmUnavailableError(OSError):
-    """``shm=True`` was asked for, but no ring could be set up."""
-
-
-class _Deadline:
-    def __init__(self, timeout_ms: Optional[float]) -> None:
-        self.end = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
-
-    def left(self) -> Optional[float]:
-        if self.end is None:
-            return None
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no response from the offlog server in time")
-        return left
-
-
-class _Channel:
-    """Blocking reads of server messages with a deadline (handshake, close, errors)."""
-
-    def __init__(self, sock: socket.socket, framed: bool) -> None:
-        self.sock = sock
-        self.framed = framed
-        self._reader = P.FrameReader(P.SERVER_FRAMES)
-        self._frames: Deque[P.Frame] = deque()
-        self._legacy = b""
-
-    def _recv(self, deadline: _Deadline) -> bytes:
-        ready, _, _ = select.select([self.sock], [], [], deadline.left())
-        if not ready:
-            raise TimeoutError("no response from the offlog server in time")
-        try:
-            return self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return self._recv(deadline)
-        except ConnectionResetError:
-            return b""
-
-    def greeting(self, deadline: _Deadline) -> bytes:
-        """Read the server's first bytes: SERVER_PREAMBLE from a current server,
-        anything else (an error message and EOF) from a 0.x server. Bytes after
-        the preamble are kept for :meth:`frame`."""
-        data = b""
-        while len(data) < len(P.SERVER_PREAMBLE) and P.SERVER_PREAMBLE.startswith(data):
-            chunk = self._recv(deadline)
-            if not chunk:
-                break
-            data += chunk
-        if data.startswith(P.SERVER_PREAMBLE):
-            self.feed(data[len(P.SERVER_PREAMBLE) :])
-            return P.SERVER_PREAMBLE
-        return data
-
-    def frame(self, deadline: _Deadline) -> P.Frame:
-        while not self._frames:
-            chunk = self._recv(deadline)
-            if not chunk:
-                raise EOFError("the offlog server closed the connection")
-            self._frames.extend(self._reader.feed(chunk))
-        return self._frames.popleft()
-
-    def feed(self, data: bytes) -> None:
-        self._frames.extend(self._reader.feed(data))
-
-    def legacy_message(self, deadline: _Deadline) -> bytes:
-        while P.NUL not in self._legacy:
-            chunk = self._recv(deadline)
-            if not chunk:
-                raise EOFError("the offlog server closed the connection")
-            self._legacy += chunk
-        message, _, self._legacy = self._legacy.partition(P.NUL)
-        return message
-
-    def server_error(self, deadline: _Deadline) -> BaseException:
-        """The error the server sent before closing (or a BrokenPipeError)."""
-        try:
-            if self.framed:
-                while True:
-                    f = self.frame(deadline)
-                    if f.type == P.ERROR:
-                        return P.decode_error(f.payload)
-            while True:
-                message = self.legacy_message(deadline)
-                if message not in (b"OK", b"ROTATED", b"BYE"):
-                    return P.exception_from_text(message.decode("utf-8", "replace"))
-        except (EOFError, TimeoutError, OSError):
-            return BrokenPipeError("the offlog server closed the connection")
-
-
-ON_FULL = ("drop", "block", "raise")
-
-
-class QueueLimit:
-    """What happens when a write would grow the local queue past ``max_bytes``.
-
-    ``drop``: the write is discarded and counted; ``block``: wait (at most the
-    ProxyFile's timeout) until the queue has room; ``raise``: BlockingIOError.
-    A write is always admitted into an empty queue, whatever its size.
-    """
-
-    def __init__(self, max_bytes: int, on_full: str, timeout_ms: Optional[float]) -> None:
-        if on_full not in ON_FULL:
-            raise ValueError(f"on_full must be one of {ON_FULL}, not {on_full!r}")
-        if max_bytes < 0:
-            raise ValueError("max_queue must be >= 0")
-        self.max_bytes = max_bytes
-        self.on_full = on_full
-        self.timeout = timeout_ms
-        self.dropped = 0
-
-    def admit(self, queued: int, n: int, make_room: Callable[[], int]) -> bool:
-        if not queued or queued + n <= self.max_bytes:
-            return True
-        if self.on_full == "drop":
-            self.dropped += n
-            return False
-        if self.on_full == "raise":
-            raise BlockingIOError(
-                errno.ENOBUFS, f"offlog queue full: {queued} bytes queued, max_queue is {self.max_bytes}"
-            )
-        deadline = _Deadline(self.timeout)
-        while True:
-            queued = make_room()
-            if not queued or queued + n <= self.max_bytes:
-                return True
-            try:
-                deadline.left()
-            except TimeoutError:
-                raise TimeoutError(f"offlog queue stayed full ({queued} bytes) for the whole timeout") from None
-            time.sleep(0.0005)
-
-
-def _admit_all(queued: int, n: int, make_room: Callable[[], int]) -> bool:
-    return True
-
-
-class SocketTransport:
-    """Bytes over the socket, framed or (0.x server) raw."""
-
-    name = "socket"
-
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
-        self._limit = limit
-        self._admit = limit.admit if limit else _admit_all
-        self._dropped_reported = 0
-        self._channel = channel
-        self._sock = channel.sock
-        self._sock.setblocking(False)
-        self._framed = channel.framed
-        self._timeout = timeout_ms
-        self._backlog: Deque[memoryview] = deque()
-        self._queued = 0
-        self._lock = threading.Lock()
-        self._tokens = itertools.count(1)
-        self._error: Optional[BaseException] = None  # what the server reported, once
-
-    def _server_error(self, fallback: Optional[BaseException] = None) -> BaseException:
-        """The error the server reported (read once, then remembered)."""
-        if self._error is None:
-            error = self._channel.server_error(_Deadline(self._timeout))
-            if fallback is not None and isinstance(error, BrokenPipeError):
-                error = fallback
-            self._error = error
-        return self._error.with_traceback(None)  # raised again on every write: no growing traceback
-
-    @property
-    def backlog_bytes(self) -> int:
-        return self._queued
-
-    def write(self, data: Buffer) -> None:
-        # Socket hot path: one sendmsg (a syscall, ~1.5 us) when nothing is queued.
-        with self._lock:
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            view = memoryview(data).cast("B")
-            pieces = [view]
-            if self._framed:
-                pieces = []
-                for chunk in _split(view, P.MAX_PAYLOAD):
-                    pieces += (memoryview(P.frame_header(P.DATA, chunk.nbytes)), chunk)
-            if self._backlog:
-                self._pump_locked()
-            if self._backlog and not self._admit(self._queued, view.nbytes, self._make_room):
-                return  # dropped (and counted) by the queue limit
-            if not self._backlog:
-                pieces = self._send(pieces)
-            for piece in pieces:
-                self._backlog.append(memoryview(bytes(piece)))
-                self._queued += piece.nbytes
-
-    def _make_room(self) -> int:
-        self._pump_locked()
-        return self._queued
-
-    def _send(self, pieces: List[memoryview]) -> List[memoryview]:
-        """Send what the socket takes now; return the unsent rest."""
-        try:
-            sent = self._sock.sendmsg(pieces)
-        except (BlockingIOError, InterruptedError):
-            return pieces
-        except (BrokenPipeError, ConnectionResetError):
-            raise self._server_error() from None
-        return _unsent(pieces, sent)
-
-    def _pump_locked(self) -> None:
-        while self._backlog:
-            batch = list(itertools.islice(self._backlog, 64))
-            rest = self._send(batch)
-            done = len(batch) - len(rest)
-            for _ in range(done):
-                self._queued -= self._backlog.popleft().nbytes
-            if rest:
-                if rest[0].nbytes != self._backlog[0].nbytes:
-                    self._queued -= self._backlog[0].nbytes - rest[0].nbytes
-                    self._backlog[0] = rest[0]
-                return
-
-    def pump(self) -> int:
-        with self._lock:
-            self._pump_locked()
-            return self._queued
-
-    def _drain(self, deadline: _Deadline) -> None:
-        """Block (until the deadline) until the backlog is sent."""
-        while self.pump():
-            try:
-                left = deadline.left()
-            except TimeoutError:
-                raise TimeoutError(
-                    f"timed out sending queued data to the offlog server: {self.backlog_bytes} bytes not sent"
-                ) from None
-            select.select([], [self._sock], [], left)
-
-    def flush(self, timeout_ms: Optional[float]) -> None:
-        deadline = _Deadline(timeout_ms)
-        self._drain(deadline)
-        if not self._framed:
-            return  # a 0.x server cannot confirm writes: sent is all we know
-        token = next(self._tokens)
-        with self._lock:
-            self._report_dropped(deadline)
-            self._send_control(P.encode_u64(P.FLUSH, token), deadline)
-        while True:
-            f = self._channel.frame(deadline)
-            if f.type == P.FLUSHED and P.decode_u64(f.payload) == token:
-                return
-            if f.type == P.ERROR:
-                raise P.decode_error(f.payload)
-
-    def _report_dropped(self, deadline: _Deadline) -> None:
-        """Tell the server how many bytes the queue limit dropped (for its status and log)."""
-        dropped = self._limit.dropped if self._limit else 0
-        if dropped != self._dropped_reported and self._framed:
-            self._send_control(P.encode_u64(P.DROPPED, dropped), deadline)
-            self._dropped_reported = dropped
-
-    def _send_control(self, message: bytes, deadline: _Deadline) -> None:
-        view = [memoryview(message)]
-        while view:
-            view = self._send(view)
-            if view:
-                select.select([], [self._sock], [], deadline.left())
-
-    def close(self) -> None:
-        deadline = _Deadline(self._timeout)
-        try:
-            if self._error is not None:
-                return  # already reported to the caller; the server has closed
-            self._drain(deadline)
-            with self._lock:
-                self._report_dropped(deadline)
-            try:
-                self._sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                raise self._server_error() from None
-            self._await_bye(deadline)
-        finally:
-            self._sock.close()
-
-    def _await_bye(self, deadline: _Deadline) -> None:
-        try:
-            if self._framed:
-                while True:
-                    f = self._channel.frame(deadline)
-                    if f.type == P.BYE:
-                        return
-                    if f.type == P.ERROR:
-                        raise P.decode_error(f.payload)
-            while True:
-                message = self._channel.legacy_message(deadline)
-                if message == b"BYE":
-                    return
-                if message not in (b"OK", b"ROTATED"):
-                    raise P.exception_from_text(message.decode("utf-8", "replace"))
-        except EOFError:
-            raise BrokenPipeError("the offlog server closed the connection before confirming") from None
-
-    def detach(self) -> None:
-        """After fork: the parent owns the connection and the backlog."""
-        self._backlog.clear()
-        self._queued = 0
-        self._sock.close()
-
-
-def _unsent(pieces: List[memoryview], sent: int) -> List[memoryview]:
-    """The part of ``pieces`` after the first ``sent`` bytes (a new list)."""
-    for i, piece in enumerate(pieces):
-        if sent < piece.nbytes:
-            return [piece[sent:]] + pieces[i + 1 :]
-        sent -= piece.nbytes
-    return []
-
-
-def _split(view: memoryview, size: int) -> List[memoryview]:
-    if view.nbytes <= size:
-        return [view]
-    return [view[i : i + size] for i in range(0, view.nbytes, size)]
-
-
-class ShmTransport(SocketTransport):
-    """Bytes through a shared-memory ring; the socket carries control only."""
-
-    name = "shm"
-
-    def __init__(
-        self, channel: _Channel, timeout_ms: Optional[float], ring: ClientRing, limit: Optional[QueueLimit] = None
-    ) -> None:
-        super().__init__(channel, timeout_ms, limit)
-        self._ring = ring
-        self._producer = ring.producer
-        self.write = self._producer.write  # the hot path: see Producer.write
-
-    def _failed(self, code: int) -> None:
-        """The consumer flagged a failure in the ring header: raise what the server sent."""
-        raise self._server_error(fallback=OSError(code, os.strerror(code)))
-
-    @property
-    def backlog_bytes(self) -> int:
-        return self._producer.backlog_bytes
-
-    def pump(self) -> int:
-        return self._producer.pump()
-
-    def _drain(self, deadline: _Deadline) -> None:
-        while self._producer.pump():
-            try:
-                deadline.left()
-            except TimeoutError:
-                raise TimeoutError(
-                    f"timed out moving queued data into the ring: {self._producer.backlog_bytes} bytes not sent"
-                ) from None
-            self._producer.wake()
-            time.sleep(0.0005)
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self._ring.close()
-
-    def detach(self) -> None:
-        self._producer.detach()
-        super().detach()
-
-
-def open_transport(
-    path: str,
-    sock_path: str,
-    timeout_ms: Optional[float],
-    shm: Optional[bool],
-    fsync: bool,
-    limit: Optional[QueueLimit] = None,
-) -> SocketTransport:
-    """Connect, handshake, negotiate a ring; return the transport to use."""
-    deadline = _Deadline(timeout_ms)
-    reason = unsupported_reason() if shm is not False else None
-    flags = P.FSYNC if fsync else 0
-    if shm is not False:
-        flags |= P.NO_SHM_SUPPORT if reason else P.WANT_SHM
-    if shm and reason:
-        raise ShmUnavailableError(f"shm=True but this client cannot map a ring: {reason}")
-    channel = _Channel(_connect(sock_path, deadline), framed=True)
-    sock = channel.sock
-    try:
-        try:
-            sock.sendall(P.CLIENT_PREAMBLE + P.encode_open(path, flags))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a 0.x server may reply and close before reading it all
-        if channel.greeting(deadline) != P.SERVER_PREAMBLE:
-            sock.close()
-            if shm:
-                raise ShmUnavailableError("shm=True but the server is offlog 0.x (socket only)")
-            return _open_legacy(path, sock_path, deadline, timeout_ms, limit)
-        f = channel.frame(deadline)
-        if f.type == P.ERROR:
-            raise P.decode_error(f.payload)
-        if f.type != P.OPENED:
-            raise P.ProtocolError(f"expected OPENED, got frame {f.type:#04x}")
-        version, opened_flags, note = P.decode_opened(f.payload)
-        if version != P.VERSION:
-            raise P.ProtocolError(f"server speaks protocol version {version}, this client {P.VERSION}")
-        if not opened_flags & P.SHM_OFFERED:
-            if shm:
-                raise ShmUnavailableError(f"shm=True but the server offered no ring: {note}")
-            return SocketTransport(channel, timeout_ms, limit)
-        offer = channel.frame(deadline)
-        if offer.type != P.SHM_OFFER:
-            raise P.ProtocolError("expected SHM_OFFER")
-        capacity, shm_name, sem_name = P.decode_offer(offer.payload)
-        transport: List[ShmTransport] = []
-        try:
-            ring = ClientRing(
-                capacity, shm_name, sem_name, lambda code: transport[0]._failed(code), limit.admit if limit else None
-            )
-        except Exception as exc:
-            sock.sendall(P.frame(P.SHM_DECLINE, P.exception_text(exc).encode()))
-            if shm:
-                raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
-            return SocketTransport(channel, timeout_ms, limit)
-        sock.sendall(P.frame(P.SHM_ACCEPT))
-        transport.append(ShmTransport(channel, timeout_ms, ring, limit))
-        return transport[0]
-    except BaseException:
-        sock.close()
-        raise
-
-
-def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = DEFAULT_TIMEOUT) -> dict:
-    """Ask a running server for its status (what ``python -m offlog status`` prints)."""
-    deadline = _Deadline(timeout)
-    channel = _Channel(_connect(sock_path, deadline), framed=True)
-    try:
-        channel.sock.sendall(P.CLIENT_PREAMBLE + P.frame(P.STATUS))
-        if channel.greeting(deadline) != P.SERVER_PREAMBLE:
-            raise P.ProtocolError("the server at this socket does not report status (offlog 0.x?)")
-        reply = channel.frame(deadline)
-        if reply.type == P.ERROR:
-            raise P.decode_error(reply.payload)
-        if reply.type != P.STATUS_REPLY:
-            raise P.ProtocolError(f"expected STATUS_REPLY, got frame {reply.type:#04x}")
-        return json.loads(bytes(reply.payload))
-    finally:
-        channel.sock.close()
-
-
-def _open_legacy(
-    path: str, sock_path: str, deadline: _Deadline, timeout_ms: Optional[float], limit: Optional[QueueLimit]
-) -> SocketTransport:
-    channel = _Channel(_connect(sock_path, deadline), framed=False)
-    try:
-        channel.sock.sendall(P.encode_path(path) + P.NUL)
-        reply = channel.legacy_message(deadline)
-        if reply != b"OK":
-            raise P.exception_from_text(reply.decode("utf-8", "replace"))
-        return SocketTransport(channel, timeout_ms, limit)
-    except BaseException:
-        channel.sock.close()
-        raise
-
-
-def _connect(sock_path: str, deadline: _Deadline) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(deadline.left())
-        sock.connect(sock_path)
-        sock.settimeout(None)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
+from .transports import (
+    DEFAULT_SOCK_PATH,
+    DEFAULT_TIMEOUT,
+    Buffer,
+    Deadline,
+    QueueLimit,
+    ServerGone,
+    ShmUnavailableError,
+    SocketTransport,
+    admit_all,
+    open_transport,
+    reported_by_server,
+    server_gone,
+    server_status,
+)
+
+__all__ = ["ProxyFile", "FileProxy", "ShmUnavailableError", "server_status", "DEFAULT_SOCK_PATH", "DEFAULT_TIMEOUT"]
+
+#: Seconds between reconnection attempts: the first at once, then doubling up to 1 s.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
 
 _live: "weakref.WeakSet[ProxyFile]" = weakref.WeakSet()
 
@@ -537,6 +74,9 @@ class ProxyFile:
     says what a write that would overflow it does: ``"drop"`` it (counted in
     :attr:`dropped` and reported to the server), ``"block"`` until there is
     room (at most ``timeout``), or ``"raise"`` BlockingIOError.
+
+    ``reconnect=True`` rides out server restarts (see the module docstring);
+    ``reconnect=False`` raises when the server goes away.
     """
 
     def __init__(
@@ -549,15 +89,18 @@ class ProxyFile:
         fsync: bool = False,
         max_queue: Optional[int] = None,
         on_full: str = "drop",
+        reconnect: bool = True,
     ) -> None:
         self.filepath = os.path.abspath(os.fsdecode(filepath))
         self.sock_path = sock_path
         self.timeout = timeout
+        self.reconnect = reconnect
         self._shm = shm
         self._fsync = fsync
         self._limit = QueueLimit(max_queue, on_full, timeout) if max_queue is not None else None
-        self._transport = open_transport(self.filepath, sock_path, timeout, shm, fsync, self._limit)
-        self.write = self._transport.write  # type: ignore[method-assign]
+        self._transport: Any = None
+        self._closing = False
+        self._install(self._open_transport())
         _live.add(self)
 
     def write(self, data: Buffer) -> None:  # type: ignore[no-redef]
@@ -576,7 +119,7 @@ class ProxyFile:
 
     @property
     def transport(self) -> str:
-        """``"shm"`` or ``"socket"``."""
+        """``"shm"``, ``"socket"``, or ``"reconnecting"`` while the server is away."""
         return self._transport.name
 
     @property
@@ -597,17 +140,50 @@ class ProxyFile:
         """
         if self._transport is None:
             raise ValueError("flush of a closed ProxyFile")
-        self._transport.flush(self.timeout if timeout is None else timeout)
+        deadline = Deadline(self.timeout if timeout is None else timeout)
+        while True:
+            try:
+                return self._transport.flush(deadline.left_ms())
+            except ServerGone as gone:
+                gone.transport.divert()  # installs a _Reconnecting; flush that
 
     def close(self) -> None:
         """Send what is queued, wait for the server to confirm; idempotent."""
         transport = self._transport
         if transport is None:
             return
-        self._transport = None
+        self._closing = True
         self.write = self._write_closed  # type: ignore[method-assign]
         _live.discard(self)
-        transport.close()
+        try:
+            while True:
+                try:
+                    transport.close()
+                    return
+                except ServerGone as gone:
+                    gone.transport.divert()
+                    transport = self._transport  # the _Reconnecting that took over
+        finally:
+            self._transport = None
+            self.write = self._write_closed  # type: ignore[method-assign]
+
+    # -- transports -------------------------------------------------------------
+    def _open_transport(self) -> SocketTransport:
+        transport = open_transport(self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit)
+        if self.reconnect:
+            transport.on_lost = self._server_lost
+        return transport
+
+    def _install(self, transport: Any) -> None:
+        self._transport = transport
+        if not self._closing:
+            self.write = transport.write  # type: ignore[method-assign]
+
+    def _server_lost(self, unwritten: List[bytes]) -> Callable[[Buffer], None]:
+        """A transport lost its server: its unconfirmed bytes go to a reconnector."""
+        reconnecting = _Reconnecting(self, unwritten)
+        self._install(reconnecting)
+        return reconnecting.write
 
     def _write_closed(self, data: Buffer) -> None:
         raise ValueError("write to a closed ProxyFile")
@@ -615,14 +191,7 @@ class ProxyFile:
     def _after_fork_in_child(self) -> None:
         if self._transport is not None:
             self._transport.detach()
-            self._transport = _Reconnect(self)
-            self.write = self._transport.write  # type: ignore[method-assign]
-
-    def _reconnect(self) -> None:
-        self._transport = open_transport(
-            self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit
-        )
-        self.write = self._transport.write  # type: ignore[method-assign]
+            self._install(_ReconnectAfterFork(self))
 
     def __enter__(self) -> "ProxyFile":
         return self
@@ -637,8 +206,101 @@ class ProxyFile:
             pass
 
 
-class _Reconnect:
-    """Stand-in transport of a forked child until its first write reconnects it."""
+class _Reconnecting:
+    """The transport while the server is away: queue locally, reconnect in the background."""
+
+    name = "reconnecting"
+
+    def __init__(self, proxy: ProxyFile, unwritten: List[bytes]) -> None:
+        self._proxy = proxy
+        self._queue: Deque[bytes] = deque(unwritten)
+        self._queued = sum(len(chunk) for chunk in unwritten)
+        self._admit = proxy._limit.admit if proxy._limit else admit_all
+        self._lock = threading.Lock()
+        self._replacement: Optional[SocketTransport] = None
+        self._error: Optional[BaseException] = None
+        self._done = threading.Event()
+        self._stopped = False
+        threading.Thread(target=self._run, name="offlog-reconnect", daemon=True).start()
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self._queued
+
+    def write(self, data: Buffer) -> None:
+        with self._lock:
+            if self._replacement is not None:
+                return self._replacement.write(data)  # a thread that raced the switch
+            if self._error is not None:
+                raise self._error.with_traceback(None)
+            chunk = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+            if chunk and self._admit(self._queued, len(chunk), lambda: self._queued):
+                self._queue.append(chunk)
+                self._queued += len(chunk)
+
+    def _run(self) -> None:
+        delay = 0.0
+        while not self._stopped:
+            time.sleep(delay)
+            delay = min(max(delay * 2, RETRY_FIRST), RETRY_MAX)
+            try:
+                transport = self._proxy._open_transport()
+            except Exception as exc:
+                if reported_by_server(exc) and not server_gone(exc):
+                    self._fail(exc)  # the file itself: permission, a directory, ...
+                    return
+                continue
+            with self._lock:
+                if self._stopped:
+                    transport.close()
+                    return
+                while self._queue:  # in order, before anything newer
+                    transport.write(self._queue.popleft())
+                self._queued = 0
+                self._replacement = transport
+                if self._proxy._transport is self:  # (unless that server vanished already)
+                    self._proxy._install(transport)
+            self._done.set()
+            return
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._error = exc
+        self._done.set()
+
+    def _await(self, timeout_ms: Optional[float]) -> SocketTransport:
+        if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000.0):
+            raise TimeoutError(
+                f"the offlog server at {self._proxy.sock_path} did not come back in time: "
+                f"{self._queued} bytes not delivered"
+            )
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        return self._replacement
+
+    def flush(self, timeout_ms: Optional[float]) -> None:
+        deadline = Deadline(timeout_ms)
+        self._await(timeout_ms).flush(deadline.left_ms())
+
+    def close(self) -> None:
+        try:
+            transport = self._await(self._proxy.timeout)
+        except BaseException:
+            self._stopped = True
+            raise
+        transport.close()
+
+    def divert(self) -> None:
+        raise AssertionError("a reconnecting transport has no server to lose")
+
+    def detach(self) -> None:
+        self._stopped = True
+        self._queue.clear()
+        self._queued = 0
+
+
+class _ReconnectAfterFork:
+    """A forked child's stand-in transport until its first write reconnects it."""
 
     name = "socket"
     backlog_bytes = 0
@@ -647,7 +309,7 @@ class _Reconnect:
         self._proxy = proxy
 
     def write(self, data: Buffer) -> None:
-        self._proxy._reconnect()
+        self._proxy._install(self._proxy._open_transport())
         self._proxy.write(data)
 
     def flush(self, timeout_ms: Optional[float]) -> None:
@@ -668,12 +330,13 @@ def _close_all() -> None:
         try:
             proxy.close()
         except Exception as exc:  # at exit there is no caller left to raise to
-            import sys
-
             print(f"offlog: could not flush {proxy.filepath}: {P.exception_text(exc)}", file=sys.stderr)
 
 
 def _after_fork_in_child() -> None:
+    from .transports import _Hangups
+
+    _Hangups.reset_after_fork()
     for proxy in list(_live):
         proxy._after_fork_in_child()
 

@@ -86,9 +86,10 @@ FLUSHED = ord("f")  # u64 token
 ERROR = ord("E")  # u32 errno (0: none), utf-8 "<ExceptionClass>: <message>"
 BYE = ord("B")  # empty: every byte of the client's is written; closing
 STATUS_REPLY = ord("J")  # utf-8 JSON document (see docs/protocol.md), then close
+WRITTEN = ord("W")  # u64: DATA payload bytes of this connection written so far (socket transport)
 
 CLIENT_FRAMES = frozenset({OPEN, DATA, FLUSH, SHM_ACCEPT, SHM_DECLINE, DROPPED, STATUS})
-SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY})
+SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY, WRITTEN})
 
 # OPEN flags.
 WANT_SHM = 1 << 0  # the client would like a shared-memory ring
@@ -220,7 +221,7 @@ def decode_offer(payload: bytes) -> Tuple[int, str, str]:
 
 
 def encode_u64(ftype: int, value: int) -> bytes:
-    """FLUSH, FLUSHED, DROPPED: one u64."""
+    """FLUSH, FLUSHED, DROPPED, WRITTEN: one u64."""
     return frame(ftype, _U64.pack(value))
 
 
@@ -282,9 +283,10 @@ def exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def encode_error(exc: BaseException) -> bytes:
-    """An ERROR frame for ``exc``."""
-    code = getattr(exc, "errno", None) or 0
+def encode_error(exc: BaseException, code: Optional[int] = None) -> bytes:
+    """An ERROR frame for ``exc`` (its errno, unless ``code`` says otherwise)."""
+    if code is None:
+        code = getattr(exc, "errno", None) or 0
     return frame(ERROR, _U32.pack(code) + exception_text(exc).encode("utf-8", "replace"))
 
 

@@ -55,7 +55,9 @@ HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the server waits for sessions to finish writing when stopping.
 STOP_GRACE = 10.0
 RECV_SIZE = 256 * 1024
-SERVER_EXITED = OSError("offlog server exited")
+SERVER_EXITED = OSError("offlog server exited")  # framed clients also get errno ESHUTDOWN
+#: A socket session acknowledges written bytes (WRITTEN) at least this often.
+ACK_EVERY = 64 * 1024
 
 
 class ClientGone(Exception):
@@ -279,6 +281,7 @@ class Session:
         self.pid, self.uid = peer_credentials(sock)
         self.connected = time.time()
         self.written = 0
+        self.acked = 0  # `written` as last told to the client in a WRITTEN frame
         self.dropped = 0
         self._reader = P.FrameReader(P.CLIENT_FRAMES)
         self._early_frames: List[P.Frame] = []  # frames that came with the handshake
@@ -491,6 +494,17 @@ class Session:
     def _append(self, parts: List) -> None:
         if parts:
             self.written += self._write_or_report(self.file.append, parts)
+            if self.written - self.acked >= ACK_EVERY and self.framed and self.ring is None:
+                self._ack()
+
+    def _ack(self) -> None:
+        """Tell a socket client how much of its data is in the file (WRITTEN), so
+        it can forget it. A WRITTEN that would block is skipped: the next will do."""
+        try:
+            self.sock.send(P.encode_u64(P.WRITTEN, self.written), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
+            self.acked = self.written
+        except OSError:
+            pass  # full (the next WRITTEN will do) or gone (the read side notices)
 
     def _write_or_report(self, operation, *args):
         """Run a file operation; an OSError ends this client with that error."""
@@ -513,6 +527,8 @@ class Session:
         if self.server.stopping:
             if self.ring is not None:
                 self.ring.consumer.fail(errno.ESHUTDOWN)
+            elif self.framed:
+                self._ack()  # everything received is written: nothing to resend
             self._send_error(SERVER_EXITED)
             return
         try:
@@ -599,7 +615,10 @@ class Session:
 
     # -- teardown -----------------------------------------------------------
     def _send_error(self, exc: BaseException) -> None:
-        message = P.encode_error(exc) if self.framed else P.encode_legacy_error(exc)
+        if self.framed:
+            message = P.encode_error(exc, errno.ESHUTDOWN if exc is SERVER_EXITED else None)
+        else:
+            message = P.encode_legacy_error(exc)
         try:
             self.sock.setblocking(True)
             self.sock.settimeout(1.0)

@@ -17,7 +17,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / ".peers"
@@ -53,12 +53,30 @@ def socket_answers(path: str) -> bool:
             return False
 
 
-def shm_objects() -> set:
-    """offlog's named objects in /dev/shm right now."""
+def shm_objects(pids: Optional[Iterable[int]] = None) -> set:
+    """offlog's named objects in /dev/shm right now (only those of servers ``pids``, if given).
+
+    Object names carry the creating server's pid (``offlog.<pid>.<hex>.ring``),
+    which lets a test ignore rings of servers it did not start.
+    """
     try:
-        return {n for n in os.listdir("/dev/shm") if "offlog." in n}
+        names = {n for n in os.listdir("/dev/shm") if "offlog." in n}
     except FileNotFoundError:
         return set()
+    if pids is None:
+        return names
+    wanted = {str(p) for p in pids}
+    return {n for n in names if n.split("offlog.", 1)[1].split(".", 1)[0] in wanted}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class Processes:

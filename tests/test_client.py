@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from support import child_env, client_script, wait_for
+from support import ServerProcess, child_env, client_script
 
 import offlog
 
@@ -258,14 +258,31 @@ def test_logger_millisecond_timestamps_are_zero_padded(workdir):
     assert all(len(s) == 3 and s.isdigit() for s in stamps)
 
 
-def test_server_stop_reaches_a_logger_as_an_error(start_server, workdir):
+def test_logger_rides_out_a_server_restart(start_server, procs, workdir):
     server = start_server()
-    logger = offlog.Logger("app", str(workdir / "l.log"), stdout_level=None, offlog_socket_path=server.sock)
-    logger.info("first")
+    target = workdir / "l.log"
+    logger = offlog.Logger("app", str(target), stdout_level=None, offlog_socket_path=server.sock)
+    logger.info("before")
     server.stop()
-    wait_for(lambda: not os.path.exists(server.sock), what="server exit")
+    for i in range(100):
+        logger.info("while the server is away %d", i)
+    again = ServerProcess(procs, workdir, sock=server.sock).start()
+    logger.info("after")
+    logger.close()
+    messages = [LINE.match(x)["msg"] for x in target.read_text().splitlines()]
+    assert messages == ["before"] + [f"while the server is away {i}" for i in range(100)] + ["after"]
+    again.stop()
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["socket", "shm"])
+def test_reconnect_false_raises_when_the_server_stops(start_server, workdir, shm):
+    server = start_server("--shm")
+    f = offlog.ProxyFile(str(workdir / "r.log"), server.sock, shm=shm, reconnect=False)
+    f.write(b"first\n")
+    f.flush()
+    server.stop()
     with pytest.raises(OSError, match="offlog server exited"):
         for _ in range(100):
-            logger.info("after the server is gone")
+            f.write(b"after the server is gone\n")
             time.sleep(0.01)
-        logger.close()
+        f.close()

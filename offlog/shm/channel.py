@@ -93,7 +93,7 @@ class ServerRing:
 class ClientRing:
     """Client side: opens the server's objects, unlinks them, produces into the ring."""
 
-    def __init__(self, capacity: int, shm_name: str, sem_name: str, on_failed, admit=None) -> None:
+    def __init__(self, capacity: int, shm_name: str, sem_name: str, on_failed, on_interrupt, admit=None) -> None:
         layout.check_capacity(capacity)
         try:
             memory = posix_ipc.SharedMemory(shm_name)
@@ -105,10 +105,14 @@ class ClientRing:
         finally:
             _unlink(posix_ipc.unlink_shared_memory, shm_name)
             _unlink(posix_ipc.unlink_semaphore, sem_name)
-        self.producer = Producer(self._map, capacity, self.sem.release, on_failed, admit)
+        self.producer = Producer(self._map, capacity, self.sem.release, on_failed, on_interrupt, admit)
+        self._closed = False
 
     def close(self) -> None:
-        self.sem.close()
+        """Close the doorbell (idempotent); the mapping stays readable for recovery."""
+        if not self._closed:
+            self._closed = True
+            self.sem.close()
 
 
 def sweep_stale() -> int:

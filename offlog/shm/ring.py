@@ -122,6 +122,7 @@ class Producer:
         capacity: int,
         doorbell: Callable[[], None],
         on_failed: Callable[[int], None],
+        on_interrupt: Callable[[], None] = lambda: None,
         admit: Optional[Callable[[int, int, Callable[[], int]], bool]] = None,
     ) -> None:
         self._words, self._data = _words_and_data(mapping, capacity)
@@ -137,6 +138,9 @@ class Producer:
         self._token: Deque[bool] = deque([True])
         self._doorbell = doorbell
         self._on_failed = on_failed
+        self._on_interrupt = on_interrupt
+        self._interrupted = False
+        self._diverted: Optional[Callable[[Buffer], None]] = None
         self._limit = 0
         self._update_limit()
 
@@ -184,11 +188,38 @@ class Producer:
         finally:
             self._token.append(True)
 
-    def consumer_failed(self) -> int:
-        """The consumer's errno if it flagged a failure, else 0."""
-        if self._words[STATE_WORD] == layout.FAILED:
-            return self._words[layout.ERRNO_WORD] or errno.EIO
-        return 0
+    def interrupt(self) -> None:
+        """Any thread: make the next write take the slow path and call ``on_interrupt``."""
+        self._interrupted = True
+        self._limit = -1
+
+    def divert(self, make_handler: Callable[[List[bytes]], Callable[[Buffer], None]]) -> None:
+        """Stop using the ring: see :meth:`divert_locked`."""
+        self._take_token()
+        try:
+            self.divert_locked(make_handler)
+        finally:
+            self._token.append(True)
+
+    def divert_locked(self, make_handler: Callable[[List[bytes]], Callable[[Buffer], None]]) -> None:
+        """Token held: hand every byte the consumer has not released (the ring's
+        ``[TAIL, head)``, then the backlog) to ``make_handler``, and send every
+        later write to the handler it returns."""
+        if self._diverted is not None:
+            return
+        chunks = [self._unreleased()] + [bytes(chunk) for chunk in self._backlog]
+        self._backlog.clear()
+        self.backlog_bytes = 0
+        self._limit = -1
+        self._diverted = make_handler([c for c in chunks if c])
+
+    def _unreleased(self) -> bytes:
+        tail = self._words[TAIL_WORD]
+        if not self._tail <= tail <= self._head:
+            tail = self._tail  # a consumer that lied: resend from what it last showed us
+        start, n = tail & self._mask, self._head - tail
+        first = min(n, self._capacity - start)
+        return bytes(self._data[start : start + first]) + bytes(self._data[: n - first])
 
     def wake(self) -> None:
         if self._words[STATE_WORD] == layout.SLEEPING:
@@ -218,6 +249,12 @@ class Producer:
             self._token.append(True)
 
     def _write_slow(self, data: Buffer) -> None:
+        if self._interrupted and self._diverted is None:
+            self._interrupted = False
+            self._update_limit()
+            self._on_interrupt()
+        if self._diverted is not None:
+            return self._diverted(data)
         if isinstance(data, str):
             data = data.encode("utf-8")
         view = memoryview(data).cast("B")
@@ -274,10 +311,12 @@ class Producer:
         self._tail = tail
 
     def _update_limit(self) -> None:
-        if self._backlog:
+        if self._backlog or self._diverted is not None:
             self._limit = -1
         else:
             self._limit = min(self._tail + self._capacity, (self._head | self._mask) + 1)
+        if self._interrupted:  # set by another thread meanwhile: keep the slow path
+            self._limit = -1
 
     def _wake_or_fail(self) -> None:
         state = self._words[STATE_WORD]
