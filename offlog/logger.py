@@ -5,9 +5,15 @@ Theory of operation
 ``Logger`` only formats; the file is a :class:`~offlog.client.ProxyFile`
 (or a plain local file) and knows nothing of levels or lines. The line is
 ``[YYYY-mm-dd HH:MM:SS.mmm name LEVEL] message`` plus the traceback when
-``exc_info`` asks for one. The date and time up to the second are formatted
-once per second and reused, so a call costs one ``time.time()``, one
-f-string and the file's ``write``.
+``exc_info`` asks for one.
+
+Cost. A call below every enabled level is one comparison. Otherwise the
+timestamp is formatted at most once per millisecond (the date and time up to
+the second once per second) and reused; the `` name LEVEL] `` part is made
+once per level; so a call is ``time.time()``, ``msg % args``, one f-string,
+one ``encode`` and the file's ``write`` (a copy into the ring with ``--shm``).
+Disabled outputs are stored as an infinite level, so the checks are plain
+comparisons with no ``None`` tests.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, ProxyFile
 
@@ -26,6 +32,8 @@ ERROR = 40
 CRITICAL = 50
 
 LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR", CRITICAL: "CRITICAL"}
+_OFF = float("inf")
+_now = time.time
 
 
 def level_name(level: int) -> str:
@@ -50,60 +58,88 @@ class Logger:
         self.file_level = file_level
         self.stdout_level = stdout_level
         self.stderr_level = stderr_level
-        self._prefix = f" {name} " if name is not None else " "
-        self._second = -1
-        self._second_text = ""
         self._file: Any = None
         if filepath is not None and file_level is not None:
             if local_file:
                 self._file = open(filepath, "ab", buffering=0)
             else:
                 self._file = ProxyFile(filepath, offlog_socket_path, offlog_timeout)
-        # The lowest level anything is written at: calls below it return at once.
-        levels = [lvl for lvl in (file_level if self._file else None, stdout_level, stderr_level) if lvl is not None]
-        self._floor = min(levels) if levels else None
+        self._file_at = file_level if self._file is not None else _OFF
+        self._stdout_at = _OFF if stdout_level is None else stdout_level
+        self._stderr_at = _OFF if stderr_level is None else stderr_level
+        self._floor = min(self._file_at, self._stdout_at, self._stderr_at)
+        self._name = f" {name} " if name is not None else " "
+        self._tags: Dict[int, str] = {}
+        self._ms = -1
+        self._second = -1
+        self._second_text = ""
+        self._stamp = ""
 
-    def format(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> str:
-        now = time.time()
-        second = int(now)
+    def _tag(self, level: int) -> str:
+        tag = self._tags.get(level)
+        if tag is None:
+            tag = self._tags[level] = f"{self._name}{level_name(level)}] "
+        return tag
+
+    def _timestamp(self, ms: int) -> str:
+        second = ms // 1000
         if second != self._second:
             self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             self._second = second
+        self._ms = ms
+        self._stamp = f"[{self._second_text}.{ms % 1000:03d}"
+        return self._stamp
+
+    def format(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> str:
+        """The line for a record, as written to every output."""
+        return self._format(level, msg, args, exc_info)
+
+    def _format(self, level: int, msg: str, args: tuple, exc_info: Any) -> str:
+        ms = int(_now() * 1000)
+        stamp = self._stamp if ms == self._ms else self._timestamp(ms)
         if args:
             msg = msg % args
-        line = f"[{self._second_text}.{int((now - second) * 1000):03d}{self._prefix}{level_name(level)}] {msg}\n"
+        line = f"{stamp}{self._tags.get(level) or self._tag(level)}{msg}\n"
         if exc_info:
             line += _format_exc(exc_info)
         return line
 
-    def log(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if self._floor is None or level < self._floor:
-            return
-        line = self.format(level, msg, *args, exc_info=exc_info)
-        if self._file is not None and level >= self.file_level:
+    def _emit(self, level: int, msg: str, args: tuple, exc_info: Any) -> None:
+        line = self._format(level, msg, args, exc_info)
+        if level >= self._file_at:
             self._file.write(line.encode("utf-8"))
-        if self.stderr_level is not None and level >= self.stderr_level:
+        if level >= self._stderr_at:
             _emit(sys.stderr, line)
-        elif self.stdout_level is not None and level >= self.stdout_level:
+        elif level >= self._stdout_at:
             _emit(sys.stdout, line)
 
+    def log(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> None:
+        if level >= self._floor:
+            self._emit(level, msg, args, exc_info)
+
     def debug(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        self.log(DEBUG, msg, *args, exc_info=exc_info)
+        if DEBUG >= self._floor:
+            self._emit(DEBUG, msg, args, exc_info)
 
     def info(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        self.log(INFO, msg, *args, exc_info=exc_info)
+        if INFO >= self._floor:
+            self._emit(INFO, msg, args, exc_info)
 
     def warning(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        self.log(WARNING, msg, *args, exc_info=exc_info)
+        if WARNING >= self._floor:
+            self._emit(WARNING, msg, args, exc_info)
 
     def error(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        self.log(ERROR, msg, *args, exc_info=exc_info)
+        if ERROR >= self._floor:
+            self._emit(ERROR, msg, args, exc_info)
 
     def exception(self, msg: str, *args: Any, exc_info: Any = True) -> None:
-        self.log(ERROR, msg, *args, exc_info=exc_info)
+        if ERROR >= self._floor:
+            self._emit(ERROR, msg, args, exc_info)
 
     def critical(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        self.log(CRITICAL, msg, *args, exc_info=exc_info)
+        if CRITICAL >= self._floor:
+            self._emit(CRITICAL, msg, args, exc_info)
 
     def flush(self, timeout: Optional[int] = None) -> None:
         """Return once the file has every line logged so far."""
@@ -115,6 +151,8 @@ class Logger:
     def close(self) -> None:
         """Close the file. Possibly blocking. Idempotent."""
         file, self._file = self._file, None
+        self._file_at = _OFF
+        self._floor = min(self._stdout_at, self._stderr_at)
         if file is not None:
             file.close()
 
