@@ -13,7 +13,7 @@ import time
 
 import pytest
 import ringcheck
-from support import ServerProcess, child_env, shm_objects, wait_for
+from support import ServerProcess, child_env, client_script, shm_objects, wait_for
 
 import offlog
 from offlog.shm import layout
@@ -292,3 +292,46 @@ def test_kills_of_clients_and_servers_leave_dev_shm_as_it_was(procs, workdir):
     f.close()
     assert final.stop() == 0, final.output()
     assert shm_objects(pids) == set()
+
+
+NO_POSIX_IPC = "import sys; sys.modules['posix_ipc'] = None  # as if it were not installed\n"
+
+
+def test_client_without_posix_ipc_uses_the_socket(shm_server, workdir, procs):
+    code = NO_POSIX_IPC + (
+        "import offlog\n"
+        f"f = offlog.ProxyFile({str(workdir / 'n.log')!r}, {shm_server.sock!r})\n"
+        "print(f.transport)\n"
+        "f.write(b'over the socket\\n')\n"
+        "f.close()\n"
+        "try:\n"
+        f"    offlog.ProxyFile({str(workdir / 'n.log')!r}, {shm_server.sock!r}, shm=True)\n"
+        "except offlog.ShmUnavailableError as exc:\n"
+        "    print('required:', exc)\n"
+    )
+    proc = client_script(procs, workdir, code)
+    assert proc.returncode == 0, proc.stderr_text
+    transport, required = proc.stdout_text.splitlines()
+    assert transport == "socket" and "posix_ipc is not installed" in required
+    assert (workdir / "n.log").read_bytes() == b"over the socket\n"
+    assert "transport: socket (client has no posix_ipc)" in shm_server.output()
+
+
+def test_server_without_posix_ipc_offers_no_ring(procs, workdir):
+    sock = str(workdir / "plain.sock")
+    code = NO_POSIX_IPC + f"from offlog.__main__ import main; sys.exit(main(['-s', {sock!r}, '--shm']))"
+    out = open(workdir / "server.out", "wb")
+    server = procs.start(
+        [sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, cwd=str(workdir), env=child_env()
+    )
+    out.close()
+    wait_for(lambda: os.path.exists(sock), what="server socket")
+    f = offlog.ProxyFile(str(workdir / "p.log"), sock)
+    assert f.transport == "socket"
+    f.write(b"fine\n")
+    f.close()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    log = (workdir / "server.out").read_text()
+    assert "Shared memory disabled: posix_ipc is not installed" in log
+    assert "transport: socket (posix_ipc is not installed)" in log
