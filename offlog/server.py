@@ -15,7 +15,7 @@ The first bytes of a connection decide its dialect (see
 the framed preamble and an OPEN frame, and may be offered a ring.
 
 A ring session waits on its ring's doorbell semaphore, so it cannot also
-block in ``recv``: the :class:`Doorbells` thread watches the control sockets
+block in ``recv``: a :class:`~offlog.watcher.Watcher` thread watches the control sockets
 of all ring sessions with one ``epoll`` (one-shot) and rings a session's
 doorbell when its socket has something to say (a FLUSH, an EOF, a kill).
 
@@ -49,6 +49,7 @@ from .files import ROTATE_CHECK, FileTable, OpenFile
 from .logger import Logger
 from .shm import ServerRing, layout, sweep_stale, unsupported_reason
 from .shm.ring import IDLE_WAIT, NAP, NAPS_BEFORE_SLEEP, SETTLE, RingCorrupt
+from .watcher import Watcher
 
 #: Seconds a new connection has to complete its handshake.
 HANDSHAKE_TIMEOUT = 10.0
@@ -94,7 +95,7 @@ class Server:
         self._reopen = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._listener: Optional[socket.socket] = None
-        self.doorbells: Optional[Doorbells] = None
+        self.doorbells: Optional[Watcher] = None
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
 
     # -- logging ----------------------------------------------------------
@@ -126,7 +127,7 @@ class Server:
             removed = sweep_stale()
             if removed:
                 self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
-            self.doorbells = Doorbells()
+            self.doorbells = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "doorbells")
 
     def serve_forever(self) -> None:
         assert self._listener is not None
@@ -543,7 +544,8 @@ class Session:
         self.sock.settimeout(None)
         self.sock.setblocking(False)
         doorbells = self.server.doorbells
-        doorbells.watch(self)
+        fd = self.sock.fileno()
+        doorbells.watch(fd, self._ring_doorbell)
         try:
             idle = 0
             while True:
@@ -555,7 +557,7 @@ class Session:
                     if self._read_control():
                         self._finish()
                         return
-                    doorbells.rearm(self)
+                    doorbells.rearm(fd)
                     continue
                 if idle < NAPS_BEFORE_SLEEP:
                     idle += 1
@@ -563,7 +565,17 @@ class Session:
                 else:
                     self._sleep(consumer, ring.sem)
         finally:
-            doorbells.forget(self)
+            doorbells.forget(fd)
+
+    def _ring_doorbell(self) -> None:
+        """The watcher saw the control socket readable: wake the ring loop."""
+        self.sock_ready = True
+        ring = self.ring
+        if ring is not None:
+            try:
+                ring.sem.release()
+            except Exception:
+                pass  # the session closed its ring meanwhile
 
     def _drain_ring(self) -> bool:
         """Write everything published in the ring; True if there was anything."""
@@ -659,53 +671,6 @@ def _acquire(sem, timeout: float) -> bool:
         return True
     except Exception:  # posix_ipc.BusyError: timed out
         return False
-
-
-class Doorbells:
-    """Rings a ring session's doorbell when its control socket is readable."""
-
-    MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._sessions: Dict[int, Session] = {}
-        self._stop_r, self._stop_w = os.pipe()
-        self._epoll.register(self._stop_r, select.EPOLLIN)
-        self._thread = threading.Thread(target=self._run, name="doorbells", daemon=True)
-        self._thread.start()
-
-    def watch(self, session: Session) -> None:
-        fd = session.sock.fileno()
-        self._sessions[fd] = session
-        self._epoll.register(fd, self.MASK)
-
-    def rearm(self, session: Session) -> None:
-        self._epoll.modify(session.sock.fileno(), self.MASK)
-
-    def forget(self, session: Session) -> None:
-        fd = session.sock.fileno()
-        self._sessions.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            pass
-
-    def _run(self) -> None:
-        while True:
-            for fd, _ in self._epoll.poll():
-                if fd == self._stop_r:
-                    return
-                session = self._sessions.get(fd)
-                if session is not None and session.ring is not None:
-                    session.sock_ready = True
-                    try:
-                        session.ring.sem.release()
-                    except Exception:
-                        pass  # the session closed its ring meanwhile
-
-    def close(self) -> None:
-        os.write(self._stop_w, b"x")
-        self._thread.join(1.0)
 
 
 def install_signal_handlers(server: Server) -> None:

@@ -40,10 +40,11 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Callable, Deque, List, Optional, Tuple, Union
 
 from . import protocol as P
 from .shm import ClientRing, unsupported_reason
+from .watcher import Watcher
 
 DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
 #: Milliseconds, as in offlog 0.x's documentation (and unlike its code).
@@ -516,7 +517,7 @@ class ShmTransport(SocketTransport):
         self._ring = ring
         self._producer = ring.producer
         self.write = self._producer.write  # the hot path: see Producer.write
-        _Hangups.instance().watch(self._sock, self._producer.interrupt)
+        _Hangups.instance().watch(self._sock.fileno(), self._producer.interrupt)
 
     # Called by the producer, token held.
     def failed(self, code: int) -> None:
@@ -540,7 +541,7 @@ class ShmTransport(SocketTransport):
         return self.on_lost(chunks)
 
     def _close_control(self) -> None:
-        _Hangups.instance().forget(self._sock)
+        _Hangups.instance().forget(self._sock.fileno())
         self._sock.close()
         self._ring.close()
 
@@ -566,7 +567,7 @@ class ShmTransport(SocketTransport):
             time.sleep(0.0005)
 
     def close(self) -> None:
-        _Hangups.instance().forget(self._sock)  # the server hangs up after BYE
+        _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE
         try:
             super().close()
         finally:
@@ -578,50 +579,22 @@ class ShmTransport(SocketTransport):
 
 
 class _Hangups:
-    """One thread per process: interrupts a ring's producer when its server hangs up."""
+    """The process's watcher of ring control sockets: a hang-up interrupts the producer."""
 
-    _instance: Optional["_Hangups"] = None
-    _instance_lock = threading.Lock()
+    _watcher: Optional[Watcher] = None
+    _lock = threading.Lock()
 
     @classmethod
-    def instance(cls) -> "_Hangups":
-        with cls._instance_lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
+    def instance(cls) -> Watcher:
+        with cls._lock:
+            if cls._watcher is None:
+                cls._watcher = Watcher(select.EPOLLRDHUP, "offlog-hangups")
+            return cls._watcher
 
     @classmethod
     def reset_after_fork(cls) -> None:
-        cls._instance = None  # the thread did not survive the fork
-        cls._instance_lock = threading.Lock()
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._callbacks: Dict[int, Callable[[], None]] = {}
-        self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="offlog-hangups", daemon=True).start()
-
-    def watch(self, sock: socket.socket, callback: Callable[[], None]) -> None:
-        with self._lock:
-            self._callbacks[sock.fileno()] = callback
-            self._epoll.register(sock.fileno(), select.EPOLLRDHUP | select.EPOLLONESHOT)
-
-    def forget(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        with self._lock:
-            if self._callbacks.pop(fd, None) is not None:
-                try:
-                    self._epoll.unregister(fd)
-                except OSError:
-                    pass
-
-    def _run(self) -> None:
-        while True:
-            for fd, _ in self._epoll.poll():
-                with self._lock:
-                    callback = self._callbacks.get(fd)
-                if callback is not None:
-                    callback()
+        cls._watcher = None  # its thread did not survive the fork
+        cls._lock = threading.Lock()
 
 
 def open_transport(

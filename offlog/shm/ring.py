@@ -302,6 +302,10 @@ class Producer:
         if first < n:
             self._data[: n - first] = chunk[first:]
         self._head += n
+        self._publish()
+
+    def _publish(self) -> None:
+        """Slow path's publish (the hot path inlines the same single 8-byte store)."""
         self._words[HEAD_WORD] = self._head
 
     def _refresh_tail(self) -> None:
