@@ -124,22 +124,34 @@ class OpenFile:
 
 
 def _writev_all(fd: int, parts: Sequence[Buffer]) -> int:
-    """One writev for the common case; finish partial writes in order."""
-    views: List[memoryview] = [memoryview(p).cast("B") for p in parts]
-    total = sum(v.nbytes for v in views)
-    left = total
-    while left:
-        written = os.writev(fd, views[:IOV_MAX])
-        left -= written
-        while written:
-            head = views[0]
-            if written >= head.nbytes:
-                written -= head.nbytes
-                views.pop(0)
-            else:
-                views[0] = head[written:]
-                written = 0
+    """Append ``parts`` back to back: one ``writev`` per IOV_MAX parts.
+
+    ``parts`` are bytes or one-dimensional byte views (``len`` is their size),
+    so the common case does no per-part work in Python. A partial write (a
+    pipe, a FIFO, a full disk) is finished, in order, before anything else.
+    """
+    total = 0
+    for start in range(0, len(parts), IOV_MAX):
+        chunk = parts[start : start + IOV_MAX]
+        want = sum(map(len, chunk))
+        written = os.writev(fd, chunk)
+        if written < want:
+            _finish_writev(fd, chunk, written)
+        total += want
     return total
+
+
+def _finish_writev(fd: int, chunk: Sequence[Buffer], written: int) -> None:
+    """Write what a short ``writev`` of ``chunk`` left after its first ``written`` bytes."""
+    views: List[memoryview] = [memoryview(p).cast("B") for p in chunk]
+    i = 0
+    while i < len(views):
+        if written >= views[i].nbytes:
+            written -= views[i].nbytes
+            i += 1
+            continue
+        views[i] = views[i][written:]
+        written = os.writev(fd, views[i : i + IOV_MAX])
 
 
 class FileTable:

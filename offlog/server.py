@@ -560,8 +560,8 @@ class Session:
                     doorbells.rearm(fd)
                     continue
                 if idle < NAPS_BEFORE_SLEEP:
+                    _acquire(ring.sem, NAP * (1 << idle))
                     idle += 1
-                    _acquire(ring.sem, NAP)
                 else:
                     self._sleep(consumer, ring.sem)
         finally:

@@ -36,6 +36,9 @@ except ImportError:  # the socket transport works without it
     posix_ipc = None
 
 SHM_DIR = "/dev/shm"
+#: Map every page up front: a first-touch page fault (~1-2 us) per 4 KiB would
+#: otherwise land on the hot path during the ring's first lap.
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000 if sys.platform.startswith("linux") else 0)
 _NAME = re.compile(r"^(?:sem\.)?offlog\.(\d+)\.[0-9a-f]+\.(?:ring|bell)$")
 
 
@@ -69,7 +72,7 @@ class ServerRing:
         memory = posix_ipc.SharedMemory(self.shm_name, posix_ipc.O_CREX, mode=0o600)
         try:
             os.posix_fallocate(memory.fd, 0, size)
-            self._map = mmap.mmap(memory.fd, size)
+            self._map = mmap.mmap(memory.fd, size, MAP_FLAGS)
             self.sem = posix_ipc.Semaphore(self.sem_name, posix_ipc.O_CREX, mode=0o600)
         except BaseException:
             self.unlink()
@@ -98,7 +101,7 @@ class ClientRing:
         try:
             memory = posix_ipc.SharedMemory(shm_name)
             try:
-                self._map = mmap.mmap(memory.fd, memory.size)
+                self._map = mmap.mmap(memory.fd, memory.size, MAP_FLAGS)
             finally:
                 memory.close_fd()
             self.sem = posix_ipc.Semaphore(sem_name)

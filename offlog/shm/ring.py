@@ -59,9 +59,11 @@ So a missed post costs at most ``SETTLE`` of latency, never data. The long
 wait is also bounded (``IDLE_WAIT``) as a second line of defence.
 
 While data keeps flowing the consumer never sleeps: it naps on the semaphore
-for ``NAP`` with ``STATE`` still ``AWAKE`` (producers skip the post), which
-batches many writes into one ``writev``; only after ``NAPS_BEFORE_SLEEP``
-empty naps does it go through the sleep handshake above.
+with ``STATE`` still ``AWAKE`` (producers skip the post), which batches many
+writes into one ``writev``. Empty naps grow from ``NAP`` (0.2 ms) by doubling;
+only after ``NAPS_BEFORE_SLEEP`` of them (0.2 + 0.4 + 0.8 + 1.6 = 3 ms of
+idleness) does it go through the sleep handshake above. A slow writer thus
+costs the server a few wake-ups per record at most, a fast one none.
 
 The shared header is hostile input for the server: :class:`Consumer` keeps
 its own ``tail`` and checks ``head`` and the identity words every time.
@@ -79,10 +81,10 @@ from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
 
 Buffer = Union[bytes, bytearray, memoryview]
 
-#: Consumer's nap while awake and idle (seconds): batches writes.
+#: Consumer's first nap while awake and idle (seconds); each empty nap doubles it.
 NAP = 0.0002
-#: Empty naps before the consumer goes to sleep (about 2 ms of idleness).
-NAPS_BEFORE_SLEEP = 10
+#: Empty naps before the consumer goes to sleep (0.2 + 0.4 + 0.8 + 1.6 = 3 ms).
+NAPS_BEFORE_SLEEP = 4
 #: Bounded wait that closes the store-buffer window of the sleep handshake.
 SETTLE = 0.001
 #: Longest sleep between checks of an idle ring.
