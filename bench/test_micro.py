@@ -37,7 +37,7 @@ def test_write(benchmark, open_sink, system: str) -> None:
 
 
 @pytest.mark.benchmark(group="info(60-char message, 2 args)")
-@pytest.mark.parametrize("system", ["offlog-logger-shm", "logging-file", "logging-queue"])
+@pytest.mark.parametrize("system", ["offlog-logger-shm", "offlog-handler-shm", "logging-file", "logging-queue"])
 def test_info(benchmark, open_sink, system: str) -> None:
     sink, target = open_sink(system)
     benchmark(sink.call, LOG_MESSAGE, *LOG_ARGS)

@@ -98,6 +98,14 @@ def open_offlog_logger(target: str, sock: Optional[str]) -> Sink:
     return Sink(log.info, log.flush, log.close, log._file.transport)
 
 
+def open_offlog_handler(target: str, sock: Optional[str]) -> Sink:
+    from offlog import OfflogHandler
+
+    handler = OfflogHandler(target, sock, timeout=TIMEOUT_MS)
+    handler.setFormatter(logging.Formatter(LINE_FORMAT))
+    return Sink(_stdlib_logger(handler).info, handler.flush, handler.close, handler._file.transport)
+
+
 def open_peer_logger(target: str, sock: Optional[str]) -> Sink:
     from offlog import Logger  # 0.3.1: no flush(); close() waits for the server's BYE
 
@@ -152,6 +160,7 @@ SYSTEMS: Dict[str, System] = {
     "plain-file": System("plain file write+flush", "bytes", None, open_plain_file),
     "offlog-logger-shm": System("offlog Logger.info shm", "log", "shm", open_offlog_logger),
     "offlog-0.3.1-logger": System("offlog 0.3.1 Logger.info", "log", "peer", open_peer_logger),
+    "offlog-handler-shm": System("stdlib logging OfflogHandler shm", "log", "shm", open_offlog_handler),
     "logging-file": System("stdlib logging FileHandler", "log", None, open_logging_file),
     "logging-queue": System("stdlib QueueHandler+Listener", "log", None, open_logging_queue),
 }
