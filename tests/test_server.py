@@ -44,6 +44,17 @@ def test_help_lists_the_spec_options():
     assert "--shm" in out and "--ring-size" in out
 
 
+def test_console_script_is_python_dash_m_offlog():
+    script = os.path.join(os.path.dirname(sys.executable), "offlog")
+    if not os.path.exists(script):
+        pytest.fail(f"the console script is not installed next to {sys.executable}: pip install -e .")
+    as_script = subprocess.run([script, "-h"], capture_output=True, text=True, check=True).stdout
+    as_module = subprocess.run(
+        [sys.executable, "-m", "offlog", "-h"], capture_output=True, text=True, cwd=str(REPO), check=True
+    ).stdout
+    assert as_script == as_module
+
+
 def test_startup_lines_and_own_logfile(start_server, workdir):
     logfile = workdir / "server.log"
     server = start_server("-l", str(logfile))

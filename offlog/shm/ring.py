@@ -165,17 +165,19 @@ class Producer:
             return self._write_contended(data)
         try:
             head = self._head
-            end = head + len(data)
+            n = len(data)
+            end = head + n
             if end > self._limit:
                 return self._write_slow(data)
             pos = head & self._mask
             try:
-                self._data[pos : pos + end - head] = data
+                self._data[pos : pos + n] = data
             except (TypeError, ValueError):  # str, or a buffer that is not bytes
                 return self._write_slow(data)
             self._head = end
-            self._words[HEAD_WORD] = end  # publish: one aligned 8-byte store
-            if self._words[STATE_WORD]:
+            words = self._words
+            words[HEAD_WORD] = end  # publish: one aligned 8-byte store
+            if words[STATE_WORD]:
                 self._wake_or_fail()
         finally:
             token.append(True)
