@@ -103,18 +103,16 @@ def test_requiring_shm_from_a_socket_only_server_raises(server, workdir):
         offlog.ProxyFile(str(workdir / "n.log"), server.sock, shm=True)
 
 
-def unshare_available() -> bool:
+@pytest.fixture
+def private_dev_shm():
+    """These tests give one process its own /dev/shm with ``unshare -m`` (needs root, as CI has)."""
     probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=4k tmpfs /dev/shm"]
-    return subprocess.run(probe, capture_output=True).returncode == 0
+    result = subprocess.run(probe, capture_output=True, text=True)
+    if result.returncode:
+        pytest.fail(f"unshare -m with a tmpfs mount is needed for this test (run as root): {result.stderr}")
 
 
-needs_unshare = pytest.mark.skipif(
-    not unshare_available(), reason="needs unshare -m and mount (root) for a private /dev/shm"
-)
-
-
-@needs_unshare
-def test_full_dev_shm_falls_back_to_the_socket(procs, workdir):
+def test_full_dev_shm_falls_back_to_the_socket(procs, workdir, private_dev_shm):
     """The server's /dev/shm is a 16 KiB tmpfs: no 4 MiB ring fits, clients get the socket."""
     sock = str(workdir / "full.sock")
     cmd = 'mount -t tmpfs -o size=16k tmpfs /dev/shm && exec "$0" -m offlog --shm -s "$1"'
@@ -138,8 +136,7 @@ def test_full_dev_shm_falls_back_to_the_socket(procs, workdir):
     assert "could not create the ring" in (workdir / "server.out").read_text()
 
 
-@needs_unshare
-def test_client_that_cannot_open_the_objects_falls_back(shm_server, workdir, procs):
+def test_client_that_cannot_open_the_objects_falls_back(shm_server, workdir, procs, private_dev_shm):
     """A client with its own /dev/shm (as if another user) cannot open the ring: socket it is."""
     code = (
         "import offlog, sys; f = offlog.ProxyFile(sys.argv[1], sys.argv[2]); print(f.transport); "
