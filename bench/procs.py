@@ -22,7 +22,6 @@ import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,8 +32,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 from . import REPO
 from .worker import SYSTEMS
 
+# The test suite's helpers for child processes: one place installs the PyPI
+# peers (into .peers/, shared with the tests) and probes sockets and /dev/shm.
+sys.path.insert(0, str(REPO / "tests"))
+from support import PEERS_DIR, child_env, peer_path, shm_objects, socket_answers  # noqa: E402, F401 (shm_objects: for __main__)
+
 PEER_VERSION = "0.3.1"
-PEERS_DIR = REPO / ".peers"
 WORKER = Path(__file__).resolve().parent / "worker.py"
 #: Seconds a server has to answer on its socket, a worker to get ready, a run to finish.
 START_TIMEOUT = 30.0
@@ -43,42 +46,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: Server kinds (a System.server) -> command-line flags; "peer" is the 0.3.1 release.
 SERVER_FLAGS = {"shm": ["--shm"], "socket": [], "peer": []}
-
-
-def peer_path(version: str = PEER_VERSION) -> str:
-    """offlog==version from PyPI in its own directory (the cache tests/support.py uses too)."""
-    target = PEERS_DIR / f"offlog-{version}"
-    marker = target / ".installed"
-    if not marker.exists():
-        shutil.rmtree(target, ignore_errors=True)
-        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
-        subprocess.run([*pip, "--target", str(target), f"offlog=={version}"], check=True)
-        marker.write_text(version)
-    return str(target)
-
-
-def shm_objects() -> set:
-    """offlog's named objects in /dev/shm right now."""
-    try:
-        return {name for name in os.listdir("/dev/shm") if "offlog." in name}
-    except FileNotFoundError:
-        return set()
-
-
-def _env(pythonpath: str) -> Dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = pythonpath
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _socket_answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-            return True
-        except OSError:
-            return False
 
 
 def _end(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -211,12 +178,14 @@ class Lab:
         if server_kind != "peer":
             return str(self.src)
         if self._peer is None:
-            self._peer = peer_path()
+            self._peer = peer_path(PEER_VERSION)
         return self._peer
 
     def _spawn(self, argv: List[str], pythonpath: str, log: Path, **kw: Any) -> subprocess.Popen:
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, cwd=self.dir, env=_env(pythonpath), stderr=out, start_new_session=True, **kw)
+            proc = subprocess.Popen(
+                argv, cwd=self.dir, env=child_env(pythonpath), stderr=out, start_new_session=True, **kw
+            )
         self._procs.append(proc)
         return proc
 
@@ -227,7 +196,7 @@ class Lab:
         argv = [sys.executable, "-m", "offlog", "-s", sock, *SERVER_FLAGS[kind]]
         proc = self._spawn(argv, self.pythonpath(kind), log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not _socket_answers(sock):
+        while not socket_answers(sock):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{kind} server did not start:\n{log.read_text(errors='replace')}")
             time.sleep(0.02)

@@ -180,7 +180,8 @@ class ProxyFile:
             self.write = transport.write  # type: ignore[method-assign]
 
     def _server_lost(self, unwritten: List[bytes]) -> Callable[[Buffer], None]:
-        """A transport lost its server: its unconfirmed bytes go to a reconnector."""
+        """Hand ``unwritten`` (a lost server's unconfirmed bytes; nothing after a fork)
+        to a new reconnector, which becomes the transport."""
         reconnecting = _Reconnecting(self, unwritten)
         self._install(reconnecting)
         return reconnecting.write
@@ -300,17 +301,27 @@ class _Reconnecting:
 
 
 class _ReconnectAfterFork:
-    """A forked child's stand-in transport until its first write reconnects it."""
+    """A forked child's stand-in transport until its first write.
 
-    name = "socket"
+    The child connects only if it writes (a child that execs or exits never
+    does). With ``reconnect=True`` that first write goes to a reconnector, so
+    it does not block on the handshake either; otherwise it opens a transport
+    there and then, and raises what the open raises, as offlog 0.x would.
+    """
+
+    name = "reconnecting"
     backlog_bytes = 0
 
     def __init__(self, proxy: ProxyFile) -> None:
         self._proxy = proxy
 
     def write(self, data: Buffer) -> None:
-        self._proxy._install(self._proxy._open_transport())
-        self._proxy.write(data)
+        proxy = self._proxy
+        if proxy.reconnect:
+            proxy._server_lost([])(data)
+        else:
+            proxy._install(proxy._open_transport())
+            proxy.write(data)
 
     def flush(self, timeout_ms: Optional[float]) -> None:
         pass

@@ -102,7 +102,6 @@ SHM_OFFERED = 1 << 0  # a SHM_OFFER frame follows
 _OPEN = struct.Struct("<HH")
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-_OFFER = struct.Struct("<Q")
 
 
 class ProtocolError(ValueError):
@@ -119,11 +118,6 @@ def frame(ftype: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     return FRAME_HEADER.pack(ftype, len(payload)) + payload
-
-
-def frame_header(ftype: int, length: int) -> bytes:
-    """Encode only a frame header (to send a payload without copying it)."""
-    return FRAME_HEADER.pack(ftype, length)
 
 
 class FrameReader:
@@ -205,16 +199,16 @@ def decode_opened(payload: bytes) -> Tuple[int, int, str]:
 
 
 def encode_offer(capacity: int, shm_name: str, sem_name: str) -> bytes:
-    body = _OFFER.pack(capacity) + shm_name.encode() + NUL + sem_name.encode()
+    body = _U64.pack(capacity) + shm_name.encode() + NUL + sem_name.encode()
     return frame(SHM_OFFER, body)
 
 
 def decode_offer(payload: bytes) -> Tuple[int, str, str]:
     payload = bytes(payload)
-    if len(payload) < _OFFER.size:
+    if len(payload) < _U64.size:
         raise ProtocolError("SHM_OFFER frame too short")
-    (capacity,) = _OFFER.unpack_from(payload)
-    names = payload[_OFFER.size :].split(NUL)
+    (capacity,) = _U64.unpack_from(payload)
+    names = payload[_U64.size :].split(NUL)
     if len(names) != 2 or not all(names):
         raise ProtocolError("SHM_OFFER needs two names")
     return capacity, names[0].decode(), names[1].decode()

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import grp
 import json
 import os
 import select
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -77,7 +79,6 @@ class Server:
         socket_group: Optional[str] = None,
     ) -> None:
         self.socket_path = socket_path
-        self.shm = shm
         self.ring_size = layout.check_capacity(ring_size) if shm else ring_size
         self.socket_mode = socket_mode
         self.socket_group = socket_group
@@ -123,7 +124,7 @@ class Server:
         listener.listen(1024)
         listener.setblocking(False)
         self._listener = listener
-        if self.shm and self.shm_unavailable is None:
+        if self.shm_unavailable is None:
             removed = sweep_stale()
             if removed:
                 self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
@@ -230,8 +231,6 @@ def _claim_socket_path(path: str) -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return
-    import stat
-
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -261,8 +260,6 @@ def peer_credentials(sock: socket.socket) -> Tuple[Optional[int], Optional[int]]
 
 
 def _group_id(group: str) -> int:
-    import grp
-
     return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
 
@@ -379,8 +376,7 @@ class Session:
         try:
             path = P.decode_path(raw)
         except ValueError as exc:
-            self.server.warn(f"Client {self.id} error, {exc}")
-            raise _Reported(exc) from None
+            raise self._refuse(f"Client {self.id} error, {exc}", exc) from None
         self._open(path)
         self.sock.sendall(P.LEGACY_OK)
         self.server.info(f"Client {self.id} transport: socket (0.x client)")
@@ -400,9 +396,8 @@ class Session:
             version, flags, path = P.decode_open(first.payload)
         except P.ProtocolError:
             raise
-        except ValueError as exc:
-            self.server.warn(f"Client {self.id} error, {exc}")
-            raise _Reported(exc) from None
+        except ValueError as exc:  # a bad path
+            raise self._refuse(f"Client {self.id} error, {exc}", exc) from None
         if version < P.VERSION:
             raise P.ProtocolError(f"protocol version {version} is not supported (need {P.VERSION})")
         self.fsync = bool(flags & P.FSYNC)
@@ -436,6 +431,11 @@ class Session:
             raise P.ProtocolError("expected SHM_ACCEPT or SHM_DECLINE")
         self._early_frames = later
 
+    def _refuse(self, line: str, error: BaseException) -> "_Reported":
+        """Log one line about this client's problem; ``error`` goes back to the client."""
+        self.server.warn(line)
+        return _Reported(error)
+
     def _offer_reason(self, flags: int) -> Optional[str]:
         """Why this client gets no ring, or None to offer one."""
         if self.server.shm_unavailable is not None:
@@ -450,8 +450,7 @@ class Session:
         try:
             self.file = self.server.files.acquire(path)
         except OSError as exc:
-            self.server.warn(f"Client {self.id} access denied for {path}: {P.exception_text(exc)}")
-            raise _Reported(exc) from None
+            raise self._refuse(f"Client {self.id} access denied for {path}: {P.exception_text(exc)}", exc) from None
         self.server.info(f"Client {self.id} opened {path} (clients of this file: {self.file.clients})")
 
     # -- socket data path -------------------------------------------------
@@ -512,10 +511,9 @@ class Session:
         try:
             return operation(*args)
         except OSError as exc:
-            self.server.warn(f"Failed to write to {self.file.path} for client {self.id}: {exc}")
             if self.ring is not None:
                 self.ring.consumer.fail(exc.errno or errno.EIO)
-            raise _Reported(exc) from None
+            raise self._refuse(f"Failed to write to {self.file.path} for client {self.id}: {exc}", exc) from None
 
     def _finish(self) -> None:
         """EOF from the client: everything is written; say BYE (or that we exit)."""
@@ -595,9 +593,10 @@ class Session:
         try:
             return consumer.available()
         except RingCorrupt as exc:
-            self.server.warn(f"Client {self.id} corrupted its ring: {exc}")
             consumer.fail(errno.EBADMSG)
-            raise _Reported(ValueError(f"ring corrupted: {exc}")) from None
+            raise self._refuse(
+                f"Client {self.id} corrupted its ring: {exc}", ValueError(f"ring corrupted: {exc}")
+            ) from None
 
     def _sleep(self, consumer, sem) -> None:
         """The sleep handshake argued in offlog.shm.ring."""
@@ -622,7 +621,6 @@ class Session:
                 chunk = b""
             if not chunk:
                 return True
-            self._drain_ring()
             self._handle_frames(self._reader.feed(chunk))
 
     # -- teardown -----------------------------------------------------------

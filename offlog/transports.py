@@ -44,6 +44,7 @@ from typing import Callable, Deque, List, Optional, Tuple, Union
 
 from . import protocol as P
 from .shm import ClientRing, unsupported_reason
+from .shm.ring import admit_all
 from .watcher import Watcher
 
 DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
@@ -51,6 +52,8 @@ DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
 DEFAULT_TIMEOUT = 5000
 #: The socket transport reads the server's WRITTEN frames after this many bytes.
 ACK_POLL = 64 * 1024
+#: What a 0.x server may say that is not an error (0.3.1 sends ROTATED after a rotation).
+LEGACY_NOT_ERRORS = (b"OK", b"ROTATED")
 #: Largest write the socket hot path sends as one header + payload copy.
 QUICK_MAX = 64 * 1024
 _DATA_HEADER = P.FRAME_HEADER.pack
@@ -198,7 +201,7 @@ class _Channel:
                         return _remote(P.decode_error(f.payload))
             while True:
                 message = self.legacy_message(deadline)
-                if message not in (b"OK", b"ROTATED", b"BYE"):
+                if message not in LEGACY_NOT_ERRORS and message != b"BYE":
                     return _remote(P.exception_from_text(message.decode("utf-8", "replace")))
         except (EOFError, TimeoutError, OSError):
             return BrokenPipeError("the offlog server closed the connection")
@@ -245,10 +248,6 @@ class QueueLimit:
             except TimeoutError:
                 raise TimeoutError(f"offlog queue stayed full ({queued} bytes) for the whole timeout") from None
             time.sleep(0.0005)
-
-
-def admit_all(queued: int, n: int, make_room: Callable[[], int]) -> bool:
-    return True
 
 
 class SocketTransport:
@@ -347,7 +346,7 @@ class SocketTransport:
         self._taken = True
         pieces: List[memoryview] = []
         for chunk in _split(view, P.MAX_PAYLOAD):
-            pieces += (memoryview(P.frame_header(P.DATA, chunk.nbytes)), chunk)
+            pieces += (memoryview(_DATA_HEADER(P.DATA, chunk.nbytes)), chunk)
         if not self._backlog:
             pieces = self._send(pieces)
         self._enqueue(pieces)
@@ -378,15 +377,22 @@ class SocketTransport:
         return _unsent(pieces, sent)
 
     def _gone(self, fallback: Optional[BaseException] = None) -> BaseException:
-        """What to raise now that the server closed: ServerGone (divert) or its error."""
-        if self._error is None:
-            error = self._channel.server_error(Deadline(self._timeout))
-            if fallback is not None and isinstance(error, BrokenPipeError):
-                error = fallback
-            if self.on_lost is not None and server_gone(error):
-                return ServerGone(self)
-            self._error = error
-        return self._error.with_traceback(None)  # raised again on every write: no growing traceback
+        """What to raise now that the server closed: read what it said, then :meth:`_verdict`."""
+        if self._error is not None:
+            return self._error.with_traceback(None)
+        error = self._channel.server_error(Deadline(self._timeout))
+        if fallback is not None and isinstance(error, BrokenPipeError):
+            error = fallback
+        return self._verdict(error)
+
+    def _verdict(self, error: BaseException) -> BaseException:
+        """What to raise for ``error`` from the server: ServerGone (divert) when the
+        server went away and a reconnect is wanted; else the error, remembered and
+        raised again on every later call (without a growing traceback)."""
+        if self.on_lost is not None and server_gone(error):
+            return ServerGone(self)
+        self._error = error
+        return error.with_traceback(None)
 
     def unwritten(self) -> List[bytes]:
         """Lock held: the bytes the server has not confirmed, in order."""
@@ -426,15 +432,18 @@ class SocketTransport:
             return self._queued
 
     def _drain(self, deadline: Deadline) -> None:
-        """Block (until the deadline) until the backlog is sent."""
+        """Block (until the deadline) until the backlog is handed over."""
         while self.pump():
             try:
                 left = deadline.left()
             except TimeoutError:
                 raise TimeoutError(
-                    f"timed out sending queued data to the offlog server: {self.backlog_bytes} bytes not sent"
+                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not sent"
                 ) from None
-            select.select([], [self._sock], [], left)
+            self._wait_for_room(left)
+
+    def _wait_for_room(self, timeout: Optional[float]) -> None:
+        select.select([], [self._sock], [], timeout)
 
     def flush(self, timeout_ms: Optional[float]) -> None:
         deadline = Deadline(timeout_ms)
@@ -453,7 +462,7 @@ class SocketTransport:
                     self._forget_written(position)
                 return
             if f.type == P.ERROR:
-                raise _remote(P.decode_error(f.payload))
+                raise self._verdict(_remote(P.decode_error(f.payload)))
 
     def _next_frame(self, deadline: Deadline) -> P.Frame:
         try:
@@ -498,10 +507,7 @@ class SocketTransport:
                 if f.type == P.BYE:
                     return
                 if f.type == P.ERROR:
-                    error = _remote(P.decode_error(f.payload))
-                    if self.on_lost is not None and server_gone(error):
-                        raise ServerGone(self)
-                    raise error
+                    raise self._verdict(_remote(P.decode_error(f.payload)))
         while True:
             try:
                 message = self._channel.legacy_message(deadline)
@@ -509,11 +515,8 @@ class SocketTransport:
                 raise self._gone() from None
             if message == b"BYE":
                 return
-            if message not in (b"OK", b"ROTATED"):
-                error = _remote(P.exception_from_text(message.decode("utf-8", "replace")))
-                if self.on_lost is not None and server_gone(error):
-                    raise ServerGone(self)
-                raise error
+            if message not in LEGACY_NOT_ERRORS:
+                raise self._verdict(_remote(P.exception_from_text(message.decode("utf-8", "replace"))))
 
     def detach(self) -> None:
         """After fork: the parent owns the connection and the backlog."""
@@ -590,16 +593,9 @@ class ShmTransport(SocketTransport):
     def divert(self) -> None:
         self._producer.divert(self._lost)
 
-    def _drain(self, deadline: Deadline) -> None:
-        while self._producer.pump():
-            try:
-                deadline.left()
-            except TimeoutError:
-                raise TimeoutError(
-                    f"timed out moving queued data into the ring: {self._producer.backlog_bytes} bytes not sent"
-                ) from None
-            self._producer.wake()
-            time.sleep(0.0005)
+    def _wait_for_room(self, timeout: Optional[float]) -> None:
+        self._producer.wake()  # the consumer frees room; nothing to select on
+        time.sleep(0.0005)
 
     def close(self) -> None:
         _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE

@@ -102,6 +102,11 @@ def _words_and_data(mapping: Buffer, capacity: int):
     return words, data
 
 
+def admit_all(queued: int, n: int, make_room: Callable[[], int]) -> bool:
+    """The default queue policy: unbounded, as in offlog 0.x."""
+    return True
+
+
 class Producer:
     """The client half: ``write`` never blocks and never spins.
 
@@ -130,7 +135,7 @@ class Producer:
         self._words, self._data = _words_and_data(mapping, capacity)
         layout.check_header(self._words, capacity, len(memoryview(mapping)))
         # admit(queued, n, make_room) -> False to drop n bytes that would be queued.
-        self._admit = admit or (lambda queued, n, make_room: True)
+        self._admit = admit or admit_all
         self._capacity = capacity
         self._mask = capacity - 1
         self._head = self._words[HEAD_WORD]
@@ -145,10 +150,6 @@ class Producer:
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._limit = 0
         self._update_limit()
-
-    @property
-    def head(self) -> int:
-        return self._head
 
     def write(self, data: Buffer) -> None:
         # The hot path. Cost on x86-64, CPython 3.11, 100-byte record, consumer
