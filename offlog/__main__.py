@@ -3,27 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
+import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
+from . import __version__
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, server_status
 from .logger import DEBUG, INFO, WARNING, Logger
-from .shm.layout import DEFAULT_CAPACITY
+from .shm import layout
 
 
-def _size(text: str) -> int:
+def size(text: str) -> int:
+    """Bytes: a number, or one with a K, M or G suffix (powers of 1024), e.g. 4M, 64K, 4MiB."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = text.strip().lower().rstrip("ib")
-    scale = units.get(text[-1:], 1)
-    return int(text[:-1] if scale > 1 else text) * scale
+    number = text.strip().lower()
+    for suffix in ("ib", "b"):
+        if number.endswith(suffix):
+            number = number[: -len(suffix)]
+            break
+    scale = units.get(number[-1:], 1)
+    if scale > 1:
+        number = number[:-1]
+    if not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number of bytes, or with K, M or G such as 4M)")
+    return int(number) * scale
+
+
+def ring_size(text: str) -> int:
+    """A ``size`` the ring layout accepts (see offlog.shm.layout.check_capacity)."""
+    value = size(text)
+    try:
+        return layout.check_capacity(value)
+    except layout.LayoutError:
+        raise argparse.ArgumentTypeError(
+            f"{text} ({value} bytes) is not a power of two from {layout.MIN_CAPACITY >> 10}K"
+            f" to {layout.MAX_CAPACITY >> 30}G, such as 4M"
+        ) from None
+
+
+def file_mode(text: str) -> int:
+    """Permission bits in octal, e.g. 660."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o7777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 660")
+    return mode
+
+
+def group(text: str) -> str:
+    """A group name that exists on this host, or a numeric group id."""
+    if not text.isdigit():
+        try:
+            grp.getgrnam(text)
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"no group named {text!r} on this host") from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad option is one line (``prog: error: ...``, exit 2); the usage is a ``-h`` away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def server_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m offlog",
         description="offlog file-append service",
-        epilog="'python -m offlog status [-s SOCKET_FILE] [--json]' reports on a running server.",
+        epilog="'python -m offlog status [-s SOCKET_FILE] [--json] [--timeout MS]' reports on a running server.",
     )
     p.add_argument(
         "-n", "--notify", action="store_true", help="Notify systemd when the server has started up and is listening."
@@ -40,21 +92,25 @@ def server_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--ring-size",
-        type=_size,
-        default=DEFAULT_CAPACITY,
-        help="Bytes per client ring, a power of two such as 4M (default 4M, at least 64K).",
+        type=ring_size,
+        help="Bytes per client ring with --shm, a power of two from 64K to 1G (default 4M).",
     )
     p.add_argument(
         "--socket-mode",
-        type=lambda text: int(text, 8),
+        type=file_mode,
         help="Permissions of the socket file, in octal (e.g. 660). Default: the umask's.",
     )
-    p.add_argument("--socket-group", help="Group (name or id) to give the socket file, e.g. with --socket-mode 660.")
+    p.add_argument(
+        "--socket-group",
+        type=group,
+        help="Group (name or id) to give the socket file, e.g. with --socket-mode 660.",
+    )
+    p.add_argument("--version", action="version", version=f"offlog {__version__}")
     return p
 
 
 def status_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m offlog status", description="Report on a running offlog server.")
+    p = _Parser(prog="python -m offlog status", description="Report on a running offlog server.")
     p.add_argument("-s", "--socket-file", default=DEFAULT_SOCK_PATH, help="The server's socket.")
     p.add_argument("--json", action="store_true", help="Print the status as JSON.")
     p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="Milliseconds to wait for the server.")
@@ -115,25 +171,43 @@ def status_main(argv: List[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"offlog status: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    try:
+        print(json.dumps(status, indent=2) if args.json else render_status(status))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `offlog status | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
     return 0
+
+
+def _unwritable(path: str, exc: OSError) -> str:
+    """Why the server's log file cannot be opened, in the words an operator acts on."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"cannot create {path}: directory {directory} does not exist"
+    if isinstance(exc, PermissionError) and not os.path.exists(path):
+        return f"cannot create {path}: directory {directory} is not writable"
+    return f"cannot open {path}: {exc.strerror or exc}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
-    args = server_parser().parse_args(argv)
+    parser = server_parser()
+    args = parser.parse_args(argv)
     from .server import main_server
 
-    log = Logger(
-        "offlog",
-        args.logfile,
-        file_level=DEBUG if args.logfile else None,
-        stdout_level=INFO,
-        stderr_level=WARNING,
-        local_file=True,
-    )
+    try:
+        log = Logger(
+            "offlog",
+            args.logfile,
+            file_level=DEBUG if args.logfile else None,
+            stdout_level=INFO,
+            stderr_level=WARNING,
+            local_file=True,
+        )
+    except OSError as exc:
+        parser.error(f"argument -l/--logfile: {_unwritable(args.logfile, exc)}")
     try:
         return main_server(args, log)
     finally:

@@ -117,11 +117,16 @@ class Server:
         _claim_socket_path(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
-        if self.socket_group is not None:
-            os.chown(self.socket_path, -1, _group_id(self.socket_group))
-        if self.socket_mode is not None:
-            os.chmod(self.socket_path, self.socket_mode)
-        listener.listen(1024)
+        try:
+            if self.socket_group is not None:
+                self._give_socket_to(self.socket_group)
+            if self.socket_mode is not None:
+                os.chmod(self.socket_path, self.socket_mode)
+            listener.listen(1024)
+        except BaseException:
+            listener.close()  # a server that cannot start leaves no socket file behind
+            os.unlink(self.socket_path)
+            raise
         listener.setblocking(False)
         self._listener = listener
         if self.shm_unavailable is None:
@@ -129,6 +134,14 @@ class Server:
             if removed:
                 self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
             self.doorbells = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "doorbells")
+
+    def _give_socket_to(self, group: str) -> None:
+        try:
+            os.chown(self.socket_path, -1, _group_id(group))
+        except KeyError:
+            raise LookupError(f"no group named {group!r} on this host") from None
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot give the socket to group {group}: {exc.strerror}") from None
 
     def serve_forever(self) -> None:
         assert self._listener is not None
@@ -232,7 +245,7 @@ def _claim_socket_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+        raise FileExistsError("the path exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
@@ -244,7 +257,7 @@ def _claim_socket_path(path: str) -> None:
         pass  # a live server with a full backlog
     finally:
         probe.close()
-    raise RuntimeError(f"another offlog server is already listening on {path}")
+    raise RuntimeError("another offlog server is already listening there; stop it first or choose another -s")
 
 
 def peer_credentials(sock: socket.socket) -> Tuple[Optional[int], Optional[int]]:
@@ -715,14 +728,14 @@ def main_server(args, log: Logger) -> int:
         args.socket_file,
         log,
         shm=args.shm,
-        ring_size=args.ring_size,
+        ring_size=layout.DEFAULT_CAPACITY if args.ring_size is None else args.ring_size,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
     )
     log.info("This is offlog server")
     try:
         server.bind()
-    except (RuntimeError, FileExistsError, OSError) as exc:
+    except (RuntimeError, LookupError, OSError) as exc:
         log.error(f"Cannot listen on {args.socket_file}: {exc}")
         return 1
     install_signal_handlers(server)
@@ -732,6 +745,8 @@ def main_server(args, log: Logger) -> int:
             log.warning(f"Shared memory disabled: {server.shm_unavailable}")
         else:
             log.info(f"Offering shared-memory rings of {server.ring_size} bytes")
+    elif args.ring_size is not None:
+        log.warning("--ring-size has no effect without --shm")
     if args.notify and not notify_systemd():
         log.warning("--notify given but NOTIFY_SOCKET is not set")
     server.serve_forever()
