@@ -113,7 +113,9 @@ def status_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m offlog status", description="Report on a running offlog server.")
     p.add_argument("-s", "--socket-file", default=DEFAULT_SOCK_PATH, help="The server's socket.")
     p.add_argument("--json", action="store_true", help="Print the status as JSON.")
-    p.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT, help="Milliseconds to wait for the server.")
+    p.add_argument(
+        "--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="MS", help="Milliseconds to wait for the server."
+    )
     return p
 
 
