@@ -42,6 +42,16 @@ class Config:
     clients_processes: int = 4
     clients_rounds: int = 3
     clients_record: int = 100
+    # 5. server restart and stall: a record every restart_period_us (busy-paced); restart_lead_s in, the server
+    # is SIGKILLed and a new one started restart_gap_s later, or SIGSTOPped for restart_stop_s; writing goes on
+    # restart_tail_s after that; close() is the barrier, bounded by restart_close_timeout_ms
+    restart_period_us: float = 50.0
+    restart_lead_s: float = 1.0
+    restart_gap_s: float = 0.5
+    restart_stop_s: float = 5.0
+    restart_tail_s: float = 3.0
+    restart_close_timeout_ms: int = 20_000
+    restart_record: int = 100
 
 
 FULL = Config()
@@ -57,4 +67,7 @@ QUICK = replace(
     stall_duration_s=1.2,
     clients_records=32_000,
     clients_rounds=1,
+    restart_lead_s=0.3,
+    restart_stop_s=1.0,
+    restart_tail_s=1.2,
 )

@@ -59,7 +59,7 @@ def _end(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.wait()
 
 
-def _check_identity(system: str, result: Dict[str, Any], ours: Path) -> None:
+def check_identity(system: str, result: Dict[str, Any], ours: Path) -> None:
     """The worker imported the offlog it should have: 0.3.1 for peers, the snapshot ``ours`` otherwise."""
     found = result.get("offlog")
     if SYSTEMS[system].server == "peer":
@@ -189,9 +189,10 @@ class Lab:
         self._procs.append(proc)
         return proc
 
-    def start_server(self, kind: str) -> Server:
-        """A new server of ``kind`` ("shm", "socket" or "peer") on its own socket."""
-        sock = str(self.path(f"{kind}.sock"))
+    def start_server(self, kind: str, sock: Optional[str] = None) -> Server:
+        """A new server of ``kind`` ("shm", "socket" or "peer") on its own socket, or on ``sock``
+        (the socket of a server that died: its successor)."""
+        sock = sock or str(self.path(f"{kind}.sock"))
         log = self.path(f"{kind}-server.log")
         argv = [sys.executable, "-m", "offlog", "-s", sock, *SERVER_FLAGS[kind]]
         proc = self._spawn(argv, self.pythonpath(kind), log, stdout=subprocess.DEVNULL)
@@ -245,7 +246,7 @@ class Lab:
         memory = server.memory_kib() if server else {}
         group.exit()
         for result in results:
-            _check_identity(system, result, self.src / "offlog")
+            check_identity(system, result, self.src / "offlog")
         return Measured(results, cpu, memory)
 
     def close(self) -> None:

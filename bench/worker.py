@@ -6,7 +6,11 @@ optionally paced), or how long a batch of calls takes until its bytes are in
 the file (the ``bulk`` mode: timed once, from ``go`` until the system's sync
 point returns: ``flush()`` for offlog, ``close()`` for offlog 0.3.1, which has
 no flush, ``QueueListener.stop()`` for the stdlib queue; plain files and
-``FileHandler`` flush on every record already).
+``FileHandler`` flush on every record already), or every call's latency
+while the parent kills or stops the server (the ``outage`` mode: numbered
+records, busy-paced; a call that raises ends the loop and is reported; the
+bytes the client held locally at peak and the process's peak RSS come back
+with the results).
 
 How: this module is self-contained (the standard library plus whichever
 ``offlog`` PYTHONPATH points at: this repository's or the 0.3.1 release's),
@@ -46,6 +50,10 @@ TIMEOUT_MS = 300_000
 OVERHEAD_SAMPLES = 20_001
 
 
+def _nothing_queued() -> int:
+    return 0
+
+
 class Sink(NamedTuple):
     """One open client of one system."""
 
@@ -53,6 +61,7 @@ class Sink(NamedTuple):
     sync: Callable[[], None]  # returns once every byte written so far is in the file
     close: Callable[[], None]
     transport: str
+    queued: Callable[[], int] = _nothing_queued  # bytes accepted but still held in this process
 
 
 class System(NamedTuple):
@@ -65,18 +74,19 @@ class System(NamedTuple):
 
 
 # -- the systems ----------------------------------------------------------
-def open_proxy_file(target: str, sock: Optional[str], *, shm: bool) -> Sink:
+def open_proxy_file(target: str, sock: Optional[str], *, shm: bool, timeout_ms: int = TIMEOUT_MS) -> Sink:
     from offlog import ProxyFile
 
-    f = ProxyFile(target, sock, TIMEOUT_MS, shm=shm)
-    return Sink(f.write, f.flush, f.close, f.transport)
+    f = ProxyFile(target, sock, timeout_ms, shm=shm)
+    return Sink(f.write, f.flush, f.close, f.transport, lambda: f.backlog)
 
 
-def open_peer_proxy_file(target: str, sock: Optional[str]) -> Sink:
+def open_peer_proxy_file(target: str, sock: Optional[str], *, timeout_ms: int = TIMEOUT_MS) -> Sink:
     from offlog import ProxyFile  # 0.3.1: close() is its only "written" confirmation
 
-    f = ProxyFile(target, sock_path=sock, timeout=TIMEOUT_MS)
-    return Sink(f.write, f.close, f.close, "socket (0.x)")
+    f = ProxyFile(target, sock_path=sock, timeout=timeout_ms)
+    # 0.3.1 tells nobody what it holds; its unsent bytes wait in its _sendqueue.
+    return Sink(f.write, f.close, f.close, "socket (0.x)", lambda: len(f._sendqueue))
 
 
 def open_plain_file(target: str, sock: Optional[str]) -> Sink:
@@ -275,7 +285,94 @@ def run_bulk(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -> 
     }
 
 
-MODES = {"timed": run_timed, "bulk": run_bulk}
+def numbered_record(number: int, size: int) -> bytes:
+    """A ``size``-byte line that starts with ``number`` (10 digits and a space): loss and duplicates show."""
+    return b"%010d " % number + b"x" * (size - 12) + b"\n"
+
+
+def memory_kib(pid: object = "self") -> Dict[str, int]:
+    """VmHWM (peak resident set) and RssAnon (anonymous memory now) of a process, KiB."""
+    found = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "RssAnon"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def _outcome(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -> Dict[str, Any]:
+    """Numbered records, one every ``period_ns`` (busy-paced), for ``duration_ns``, while the parent
+    kills or stops the server; then close() as the barrier. Never raises: a write that raises ends
+    the loop and is reported, as is a close() that raises.
+
+    Each record is a new bytes object, as an application's would be (a client that keeps a reference
+    instead of a copy pays for it in memory). Only the call runs between the two clock reads; building
+    the record and reading the sink's local queue happen outside. A call that blocked is not caught up on.
+    """
+    sink = sinks[0]
+    size, period_ns, duration_ns = params["size"], params["period_ns"], params["duration_ns"]
+    capacity = duration_ns // period_ns + 1
+    starts = array("q", [0]) * capacity
+    latencies = array("q", [0]) * capacity
+    head, tail = b"%010d ", numbered_record(0, size)[11:]
+    call, queued, clock = sink.call, sink.queued, time.perf_counter_ns
+    peak_queued = peak_queued_ns = done = 0
+    failure: Optional[Dict[str, Any]] = None
+    before = memory_kib()
+    origin = clock()
+    t0 = origin - period_ns
+    for i in range(capacity):
+        data = head % i + tail
+        next_start = t0 + period_ns
+        while clock() < next_start:
+            pass
+        t0 = clock()
+        try:
+            call(data)
+        except Exception as exc:
+            failure = {"call": i, "at_ns": t0 - origin, "error": _outcome(exc)}
+            break
+        t1 = clock()
+        starts[i] = t0 - origin
+        latencies[i] = t1 - t0
+        done = i + 1
+        held = queued()
+        if held > peak_queued:
+            peak_queued, peak_queued_ns = held, t1 - origin
+        if t1 - origin >= duration_ns:
+            break
+    writing_ns = clock() - origin
+    writing = memory_kib()
+    t0 = clock()
+    try:
+        sink.close()
+        closed = "ok"
+    except Exception as exc:
+        closed = _outcome(exc)
+    close_ns = clock() - t0
+    after = memory_kib()
+    with open(params["out"] + ".starts", "wb") as f:
+        starts[:done].tofile(f)
+    with open(params["out"] + ".lat", "wb") as f:
+        latencies[:done].tofile(f)
+    return {
+        "calls": [done],
+        "write_error": failure,
+        "writing_ns": writing_ns,
+        "close": closed,
+        "close_ns": close_ns,
+        "peak_queued": peak_queued,
+        "peak_queued_at_ns": peak_queued_ns,
+        "memory_kib": {"before": before, "writing": writing, "after_close": after},
+    }
+
+
+MODES = {"timed": run_timed, "bulk": run_bulk, "outage": run_outage}
 
 
 def _offlog_identity() -> Optional[Dict[str, str]]:
@@ -289,7 +386,8 @@ def main(argv: List[str]) -> int:
     params = json.loads(argv[1])
     system = SYSTEMS[params["system"]]
     args = call_args(system.kind, params["size"])
-    sinks = [system.open(target, params.get("sock")) for target in params["targets"]]
+    open_sink = partial(system.open, timeout_ms=params["timeout_ms"]) if "timeout_ms" in params else system.open
+    sinks = [open_sink(target, params.get("sock")) for target in params["targets"]]
     for sink in sinks:
         bulk_calls(sink.call, args, params["warmup"])
     overheads = {"timer_ns": timer_overhead_ns(), "harness_ns": harness_overhead_ns(args)}

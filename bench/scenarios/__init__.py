@@ -1,4 +1,4 @@
-"""The four scenarios of ``python -m bench``.
+"""The five scenarios of ``python -m bench``.
 
 Each module measures one thing and has the same three functions:
 ``run(lab, cfg) -> dict`` (raw, JSON-ready figures), ``table(data) -> str``
@@ -9,8 +9,9 @@ Each module measures one thing and has the same three functions:
 2. :mod:`.throughput`: records/s end to end, until the bytes are in the file.
 3. :mod:`.stall`: the caller's latency while the target stalls.
 4. :mod:`.clients`: one server under many clients.
+5. :mod:`.restart`: the caller's latency while the server is killed and restarted, or stopped.
 """
 
-from . import clients, latency, stall, throughput
+from . import clients, latency, restart, stall, throughput
 
-SCENARIOS = {"latency": latency, "throughput": throughput, "stall": stall, "clients": clients}
+SCENARIOS = {"latency": latency, "throughput": throughput, "stall": stall, "clients": clients, "restart": restart}
