@@ -130,8 +130,9 @@ class WorkerGroup:
             proc.stdin.write("go\n")
             proc.stdin.flush()
 
-    def results(self) -> List[Dict[str, Any]]:
-        return [json.loads(self._line(p, log, RUN_TIMEOUT)) for p, log in zip(self.procs, self.logs)]
+    def results(self, timeout: float = RUN_TIMEOUT) -> List[Dict[str, Any]]:
+        """Each worker's result line; a worker silent for ``timeout`` seconds is ended (RuntimeError)."""
+        return [json.loads(self._line(p, log, timeout)) for p, log in zip(self.procs, self.logs)]
 
     def exit(self) -> None:
         for proc in self.procs:

@@ -32,7 +32,10 @@ lost and records written twice both show.
 How: a fresh server per run, ended by pid afterwards (the killed one is
 reaped at once); the disruption runs in a thread of this process, timed from
 the moment the worker is told to go, so event times and the writer's call
-times share an origin to within a millisecond or so.
+times share an origin to within a millisecond or so. A server that does not
+start, or a writer that dies or hangs (no answer within its run, the close
+timeout and :data:`RESULT_SLACK_S`; it is then ended), is that case's outcome
+in the table; the other cases still run.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import report
 from ..config import Config
@@ -56,6 +59,7 @@ CASES = {"kill": "SIGKILL + restart", "stop": "SIGSTOP"}
 WARMUP = 200
 SAMPLE_S = 0.01  # how often the writer's RssAnon is read
 SLOWEST = 5  # the slowest calls kept, with their start times, in the JSON
+RESULT_SLACK_S = 30.0
 
 
 class Outage(threading.Thread):
@@ -157,26 +161,23 @@ def _one_run(lab: Lab, cfg: Config, system: str, case: str) -> Dict[str, Any]:
         "timeout_ms": cfg.restart_close_timeout_ms,
         "out": out,
     }
-    server = lab.start_server(ALL_SYSTEMS[system].server)
-    outage = Outage(lab, server, case, cfg)
+    # The writer's answer is due after its run and its close(); past that (plus slack) it blocked for good.
+    due_s = params["duration_ns"] / 1e9 + cfg.restart_close_timeout_ms / 1000 + RESULT_SLACK_S
+    files = (target, Path(out + ".lat"), Path(out + ".starts"))
+    outage: Optional[Outage] = None
     try:
-        group = lab.workers(system, [params], server)
-        sampler = AnonSampler(group.procs[0].pid)
-        sampler.start()
-        outage.start()
-        group.go()
-        try:
-            result = group.results()[0]
-        finally:
-            outage.join()
-            peak_anon_kib = sampler.stop()
-        group.exit()
+        outage = Outage(lab, lab.start_server(ALL_SYSTEMS[system].server), case, cfg)
+        result, peak_anon_kib = _drive(lab, system, params, outage, due_s)
+    except RuntimeError as exc:  # a server that did not start, a worker that died or hung: the outcome
+        remove(*files)
+        return _failed(exc, outage, due_s)
     finally:
-        outage.server.stop()
+        if outage is not None:
+            outage.server.stop()
     check_identity(system, result, lab.src / "offlog")
     latencies, starts = read_ns(out + ".lat"), read_ns(out + ".starts")
     arrived = _arrivals(target, cfg.restart_record, WARMUP, result["calls"][0])
-    remove(target, Path(out + ".lat"), Path(out + ".starts"))
+    remove(*files)
     ordered = sorted(latencies)
     slowest = sorted(range(len(latencies)), key=latencies.__getitem__)[-SLOWEST:][::-1]
     memory = result["memory_kib"]
@@ -197,6 +198,35 @@ def _one_run(lab: Lab, cfg: Config, system: str, case: str) -> Dict[str, Any]:
         "peak_rss_growth_kib": memory["after_close"]["VmHWM"] - memory["before"]["VmHWM"],
         "peak_anon_growth_kib": max(0, peak_anon_kib - memory["before"]["RssAnon"]),
         "arrived": arrived,
+    }
+
+
+def _drive(lab: Lab, system: str, params: Dict[str, Any], outage: Outage, due_s: float) -> Tuple[Dict[str, Any], int]:
+    """Start the writer, release it and the outage together; its result and its peak RssAnon (KiB)."""
+    group = lab.workers(system, [params], outage.server)
+    sampler = AnonSampler(group.procs[0].pid)
+    sampler.start()
+    outage.start()
+    group.go()
+    try:
+        result = group.results(due_s)[0]
+    finally:
+        outage.join()
+        peak_anon_kib = sampler.stop()
+    group.exit()
+    return result, peak_anon_kib
+
+
+def _failed(exc: RuntimeError, outage: Optional[Outage], due_s: float) -> Dict[str, Any]:
+    """The figures of a run that produced none: why (the last line of the message, which ends
+    with the process's log; a worker that hung and was ended has no log), and what the outage did."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    why = lines[-1] if len(lines) > 1 else f"{lines[0].rstrip(':')} within {due_s:.0f} s; ended"
+    return {
+        "failed": why[:120],
+        "failed_detail": str(exc),
+        "events_s": outage.events if outage else {},
+        "outage_error": outage.error if outage else None,
     }
 
 
@@ -231,13 +261,13 @@ def _mib(kib: float) -> str:
 
 
 def _outcome(fig: Dict[str, Any]) -> str:
-    parts = []
+    parts = [f"failed: {fig['failed']}"] if "failed" in fig else []
     if fig["outage_error"]:
         parts.append(f"harness: {fig['outage_error']}")
-    if fig["write_error"]:
+    if fig.get("write_error"):
         error = fig["write_error"]
         parts.append(f"n/a: write() raised {error['error'].split(':')[0]} at {error['at_ns'] / 1e9:.2f} s, stopped")
-    if fig["close"] != "ok":
+    if fig.get("close", "ok") != "ok":
         parts.append(f"close() raised {fig['close'].split(':')[0]}")
     return "; ".join(parts) or "ok"
 
@@ -254,7 +284,7 @@ def _arrived(a: Dict[str, int]) -> str:
 
 def _max_ns(fig: Optional[Dict[str, Any]]) -> Optional[int]:
     """The max latency of a run that wrote through its outage, else None."""
-    if not fig or fig["write_error"] or not fig["percentiles_ns"]:
+    if not fig or "failed" in fig or fig["write_error"] or not fig["percentiles_ns"]:
         return None
     return fig["percentiles_ns"]["max"]
 
@@ -284,6 +314,9 @@ def table(data: Dict[str, Any]) -> str:
     for case, title in CASES.items():
         for system, runs in data["systems"].items():
             fig = runs[case]
+            if "failed" in fig:
+                rows.append([report.label(system), title, _outcome(fig), *["-"] * 6, _events(fig), *["-"] * 7])
+                continue
             p, max_ns = fig["percentiles_ns"], _max_ns(fig)
             timed = max_ns is not None  # latencies across the outage: only if the writer got through it
             queued = fig["peak_queued"]
@@ -316,8 +349,9 @@ def table(data: Dict[str, Any]) -> str:
         "queue); a ring's contents are not counted (shared memory, allocated at open). 'peak RSS +': VmHWM "
         "growth over the run (includes a ring the reconnect maps); 'anon +': peak RssAnon growth, sampled every "
         "10 ms; 'anon / queued': what each queued byte cost (shown from 64 KiB queued). 'records in file': "
-        "distinct records present / written (lost, written twice, torn lines). Latencies are '-' where the "
-        "writer could not write through the outage. Ratios use the max latency. " + report.RATIO_NOTE
+        "distinct records present / written (lost, written twice, torn: lines that are not one whole record). "
+        "Latencies are '-' where the writer could not write through the outage. Ratios use the max latency. "
+        + report.RATIO_NOTE
     )
     return f"### 5. Server restart and stall\n\n{note}\n\n" + report.markdown_table(headers, rows, left=3)
 
