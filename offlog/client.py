@@ -10,35 +10,56 @@ transports:
 * **Server restarts.** With ``reconnect=True`` (the default) a transport
   that loses its server hands every byte the server had not confirmed to
   :class:`_Reconnecting`, which becomes the transport: writes go on into its
-  local queue without blocking while a background thread reconnects (first
-  try at once, then with back-off up to once a second), re-sends the queue in
-  order and installs whatever transport the new server offers. Delivery is
-  at least once: a record appears twice only if the server died after
-  writing it and before confirming it. Errors about the file itself
-  (permission, ENOSPC, ...) are raised as always; only a lost server is
-  retried. ``reconnect=False`` raises instead, as offlog 0.x does.
+  backlog without blocking while a background thread reconnects (first try
+  at once, then with back-off up to once a second). The thread hands the
+  backlog to the new transport in steps, taking the writers' token only to
+  swap in an empty backlog (a pointer swap) and for the last step of at
+  most ``HANDOVER_STEP`` bytes; the copying happens outside it, so no
+  write() waits for a re-send. It then installs the new transport and keeps
+  pumping its backlog until it is empty, watching the server. Delivery is at
+  least once: a record appears twice only if the server died after writing
+  it and before confirming it. Errors about the file itself (permission,
+  ENOSPC, ...) are raised as always; only a lost server is retried.
+  ``reconnect=False`` raises instead, as offlog 0.x does.
 * **Fork.** The child's ProxyFiles drop their transport (the parent still
-  owns the ring, the socket and the queue) and reconnect on their first
-  write.
-* **Exit.** Every open ProxyFile is closed (its queue sent, the server's
+  owns the ring, the socket and the backlog). The child's first write opens
+  its own connection there and then: one connect and handshake, a few
+  hundred microseconds on a local socket (a ring adds its mapping), paid
+  once per child and only by a child that writes. So the child owns its
+  connection before its first write returns, and what it writes reaches the
+  server even if it ends with ``os._exit`` (only bytes still in its own
+  backlog, when the server is away or the ring is full, need the child to
+  run a little longer). multiprocessing children also close every
+  ProxyFile at their exit (a multiprocessing finalizer), Pool workers too.
+* **Exit.** Every open ProxyFile is closed (its backlog sent, the server's
   confirmation awaited) at interpreter exit, uncaught exceptions included.
+  A server that vanished while nothing was pending costs no wait.
+* **flush() and sync().** ``flush()`` is a file object's flush: hand over
+  what can go now, never wait (loguru, ``logging.StreamHandler`` and
+  ``print(flush=True)`` call it after every record). ``sync()`` is the
+  barrier: it returns once the server wrote everything written before it.
 """
 
 from __future__ import annotations
 
 import atexit
+import multiprocessing.util
 import os
 import sys
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Union
+from typing import Any, Deque, Optional, Union
 
 from . import protocol as P
+from . import token
+from .backlog import Backlog
+from .shm.ring import WAIT
 from .transports import (
     DEFAULT_SOCK_PATH,
     DEFAULT_TIMEOUT,
+    WAIT_STEP,
     Buffer,
     Deadline,
     QueueLimit,
@@ -57,6 +78,9 @@ __all__ = ["ProxyFile", "FileProxy", "ShmUnavailableError", "server_status", "DE
 #: Seconds between reconnection attempts: the first at once, then doubling up to 1 s.
 RETRY_FIRST = 0.05
 RETRY_MAX = 1.0
+#: The reconnect hands its backlog over in steps; the last one, at most this
+#: many bytes, is copied with the writers' token held.
+HANDOVER_STEP = 64 * 1024
 
 _live: "weakref.WeakSet[ProxyFile]" = weakref.WeakSet()
 
@@ -64,16 +88,17 @@ _live: "weakref.WeakSet[ProxyFile]" = weakref.WeakSet()
 class ProxyFile:
     """Append to ``filepath`` through the offlog server at ``sock_path``.
 
-    ``timeout`` (milliseconds) bounds every blocking step: the open, flush()
+    ``timeout`` (milliseconds) bounds every blocking step: the open, sync()
     and close(). ``shm``: None uses a shared-memory ring when the server
     offers one, True requires one (:class:`ShmUnavailableError` otherwise),
-    False never uses one. ``fsync=True`` makes the server fsync on flush().
+    False never uses one. ``fsync=True`` makes the server fsync on sync().
 
-    The local queue (writes the server cannot take yet) is unbounded by
-    default, as in offlog 0.x. ``max_queue=BYTES`` bounds it; ``on_full``
-    says what a write that would overflow it does: ``"drop"`` it (counted in
-    :attr:`dropped` and reported to the server), ``"block"`` until there is
-    room (at most ``timeout``), or ``"raise"`` BlockingIOError.
+    The backlog (bytes accepted by write() that the server cannot take yet)
+    is unbounded by default, as in offlog 0.x. ``max_queue=BYTES`` bounds it;
+    ``on_full`` says what a write that would overflow it does: ``"drop"`` it
+    (counted in :attr:`dropped` and reported to the server), ``"block"``
+    until there is room (at most ``timeout``), or ``"raise"``
+    BlockingIOError.
 
     ``reconnect=True`` rides out server restarts (see the module docstring);
     ``reconnect=False`` raises when the server goes away.
@@ -98,7 +123,7 @@ class ProxyFile:
         self._shm = shm
         self._fsync = fsync
         self._limit = QueueLimit(max_queue, on_full, timeout) if max_queue is not None else None
-        self._transport: Any = None
+        self._transport: Any = _Closed(0)
         self._closing = False
         self._install(self._open_transport())
         _live.add(self)
@@ -115,57 +140,68 @@ class ProxyFile:
 
     @property
     def closed(self) -> bool:
-        return self._transport is None
+        return isinstance(self._transport, _Closed)
 
     @property
     def transport(self) -> str:
-        """``"shm"``, ``"socket"``, or ``"reconnecting"`` while the server is away."""
+        """``"shm"``, ``"socket"``, ``"reconnecting"`` while the server is away, or ``"closed"``."""
         return self._transport.name
 
     @property
     def dropped(self) -> int:
-        """Bytes dropped because the local queue was full (``max_queue``, ``on_full="drop"``)."""
+        """Bytes dropped because the backlog was full (``max_queue``, ``on_full="drop"``)."""
         return self._limit.dropped if self._limit else 0
 
     @property
     def backlog(self) -> int:
-        """Bytes accepted by write() but still queued in this process."""
+        """Bytes accepted by write() but still queued in this process (after a
+        close() that failed: the bytes it could not deliver)."""
         return self._transport.backlog_bytes
 
-    def flush(self, timeout: Optional[float] = None) -> None:
-        """Return once the server has written everything written so far.
-
-        ``timeout`` in milliseconds, default the ProxyFile's. Against a 0.x
-        server this only waits until everything is sent.
-        """
-        if self._transport is None:
+    def flush(self) -> None:
+        """Hand over what can go now, as a file object's flush does; never waits
+        for the server or the disk. :meth:`sync` is the barrier."""
+        if self.closed:
             raise ValueError("flush of a closed ProxyFile")
+        self._transport.flush()
+
+    def sync(self, timeout: Optional[float] = None) -> None:
+        """Return once the server has written everything written so far (and
+        fsynced it, with ``fsync=True``).
+
+        ``timeout`` in milliseconds, default the ProxyFile's; TimeoutError
+        when it passes. Against a 0.x server this only waits until
+        everything is sent.
+        """
         deadline = Deadline(self.timeout if timeout is None else timeout)
         while True:
+            transport = self._transport
+            if isinstance(transport, _Closed):
+                raise ValueError("sync of a closed ProxyFile")
             try:
-                return self._transport.flush(deadline.left_ms())
-            except ServerGone as gone:
-                gone.transport.divert()  # installs a _Reconnecting; flush that
+                return transport.sync(deadline.left_ms())
+            except ServerGone:
+                continue  # it diverted: its successor is installed; sync that
 
     def close(self) -> None:
         """Send what is queued, wait for the server to confirm; idempotent."""
-        transport = self._transport
-        if transport is None:
+        if self.closed:
             return
         self._closing = True
         self.write = self._write_closed  # type: ignore[method-assign]
         _live.discard(self)
+        transport = self._transport
         try:
             while True:
                 try:
                     transport.close()
-                    return
-                except ServerGone as gone:
-                    gone.transport.divert()
-                    transport = self._transport  # the _Reconnecting that took over
-        finally:
-            self._transport = None
-            self.write = self._write_closed  # type: ignore[method-assign]
+                    break
+                except ServerGone:
+                    transport = self._transport  # its successor, or _Closed if nothing was pending
+        except BaseException:
+            self._transport = _Closed(self._transport.backlog_bytes)
+            raise
+        self._transport = _Closed(0)
 
     # -- transports -------------------------------------------------------------
     def _open_transport(self) -> SocketTransport:
@@ -179,10 +215,13 @@ class ProxyFile:
         if not self._closing:
             self.write = transport.write  # type: ignore[method-assign]
 
-    def _server_lost(self, unwritten: List[bytes]) -> Callable[[Buffer], None]:
-        """Hand ``unwritten`` (a lost server's unconfirmed bytes; nothing after a fork)
-        to a new reconnector, which becomes the transport."""
-        reconnecting = _Reconnecting(self, unwritten)
+    def _server_lost(self, unconfirmed: Backlog) -> Any:
+        """Hand ``unconfirmed`` (a lost server's unconfirmed bytes) to a new
+        reconnector, which becomes the transport; return its write."""
+        if self._closing and not unconfirmed:
+            self._install(_Closed(0))  # nothing pending: no reconnect, no wait
+            return self._write_closed
+        reconnecting = _Reconnecting(self, unconfirmed)
         self._install(reconnecting)
         return reconnecting.write
 
@@ -190,9 +229,9 @@ class ProxyFile:
         raise ValueError("write to a closed ProxyFile")
 
     def _after_fork_in_child(self) -> None:
-        if self._transport is not None:
+        if not self.closed:
             self._transport.detach()
-            self._install(_ReconnectAfterFork(self))
+            self._install(_AfterFork(self))
 
     def __enter__(self) -> "ProxyFile":
         return self
@@ -207,81 +246,197 @@ class ProxyFile:
             pass
 
 
+class _Closed:
+    """The transport of a closed ProxyFile: it answers, and refuses writes."""
+
+    name = "closed"
+
+    def __init__(self, undelivered: int) -> None:
+        self.backlog_bytes = undelivered
+
+    def write(self, data: Buffer) -> None:
+        raise ValueError("write to a closed ProxyFile")
+
+    def close(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+
 class _Reconnecting:
     """The transport while the server is away: queue locally, reconnect in the background."""
 
     name = "reconnecting"
 
-    def __init__(self, proxy: ProxyFile, unwritten: List[bytes]) -> None:
+    def __init__(self, proxy: ProxyFile, backlog: Backlog) -> None:
         self._proxy = proxy
-        self._queue: Deque[bytes] = deque(unwritten)
-        self._queued = sum(len(chunk) for chunk in unwritten)
+        self._backlog = backlog
+        self._limit = proxy._limit
         self._admit = proxy._limit.admit if proxy._limit else admit_all
-        self._lock = threading.Lock()
+        self._token = token.new()
+        self._reentered: Deque[bytes] = deque()
         self._replacement: Optional[SocketTransport] = None
+        self._returned: Optional[Backlog] = None  # what a transport lost during the hand-over gave back
         self._error: Optional[BaseException] = None
         self._done = threading.Event()
         self._stopped = False
-        threading.Thread(target=self._run, name="offlog-reconnect", daemon=True).start()
+        self._closed = False
+        self._running = False
+        self._start()
 
     @property
     def backlog_bytes(self) -> int:
-        return self._queued
+        return len(self._backlog) + sum(map(len, self._reentered))
+
+    def _start(self) -> None:
+        """Start the reconnect thread (again later if the host cannot start one now)."""
+        try:
+            threading.Thread(target=self._run, name="offlog-reconnect", daemon=True).start()
+            self._running = True
+        except RuntimeError:
+            pass  # no thread to be had now: the next write, sync or close tries again
 
     def write(self, data: Buffer) -> None:
-        with self._lock:
-            if self._replacement is not None:
-                return self._replacement.write(data)  # a thread that raced the switch
-            if self._error is not None:
-                raise self._error.with_traceback(None)
-            chunk = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-            if chunk and self._admit(self._queued, len(chunk), lambda: self._queued):
-                self._queue.append(chunk)
-                self._queued += len(chunk)
+        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
+        since = None
+        while True:
+            if not token.take(self._token, self, _HOLDING):
+                self._reentered.append(bytes(view))
+                return
+            try:
+                outcome = self._write_locked(view)
+            finally:
+                self._token.append(True)
+            if outcome is None:
+                return
+            if outcome is not WAIT:
+                return outcome(view)
+            since = time.monotonic() if since is None else since
+            self._limit.check_wait(since)  # type: ignore[union-attr]
+            self._done.wait(WAIT_STEP * 10)
 
+    def _write_locked(self, view: memoryview) -> Any:
+        self._take_reentered()
+        if self._replacement is not None:
+            return self._replacement.write  # a thread that raced the switch
+        if self._closed:
+            raise ValueError("write to a closed ProxyFile")
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        if not self._running:
+            self._start()
+        if view.nbytes:
+            verdict = self._admit(len(self._backlog), view.nbytes)
+            if verdict is WAIT:
+                return WAIT
+            if verdict:
+                self._backlog.append(view)
+        return None
+
+    def _take_reentered(self) -> None:
+        while self._reentered:
+            self._backlog.append(self._reentered.popleft())
+
+    def flush(self) -> None:
+        pass  # nothing can go anywhere until the server is back
+
+    # -- the reconnect thread ------------------------------------------------------
     def _run(self) -> None:
         delay = 0.0
         while not self._stopped:
             time.sleep(delay)
             delay = min(max(delay * 2, RETRY_FIRST), RETRY_MAX)
             try:
-                transport = self._proxy._open_transport()
+                transport = open_transport(
+                    self._proxy.filepath,
+                    self._proxy.sock_path,
+                    self._proxy.timeout,
+                    self._proxy._shm,
+                    self._proxy._fsync,
+                    self._limit,
+                )
             except Exception as exc:
                 if reported_by_server(exc) and not server_gone(exc):
                     self._fail(exc)  # the file itself: permission, a directory, ...
                     return
                 continue
-            with self._lock:
-                if self._stopped:
-                    transport.close()
-                    return
-                while self._queue:  # in order, before anything newer
-                    transport.write(self._queue.popleft())
-                self._queued = 0
-                self._replacement = transport
-                if self._proxy._transport is self:  # (unless that server vanished already)
-                    self._proxy._install(transport)
-            self._done.set()
-            return
+            transport.on_lost = self._lost_in_hand_over
+            if self._hand_over(transport):
+                self._done.set()
+                self._pump(transport)
+                return
+
+    def _hand_over(self, transport: SocketTransport) -> bool:
+        """Move the backlog into ``transport`` and install it; False if it lost its
+        server meanwhile (then every byte is back in the backlog, in order)."""
+        while True:
+            token.take(self._token, self, _HOLDING)
+            try:
+                if self._returned is not None:
+                    return self._take_back(None)
+                chunk, self._backlog = self._backlog, Backlog()
+                if len(chunk) <= HANDOVER_STEP or self._stopped or self._closed:
+                    if not transport.take_backlog(chunk):
+                        return self._take_back(chunk)
+                    if self._returned is not None:
+                        return self._take_back(None)
+                    transport.on_lost = self._proxy._server_lost if self._proxy.reconnect else None
+                    self._replacement = transport
+                    if self._proxy._transport is self:
+                        self._proxy._install(transport)
+                    return True
+            finally:
+                self._token.append(True)
+            if not transport.take_backlog(chunk):  # the big copy, with writers going on meanwhile
+                token.take(self._token, self, _HOLDING)
+                try:
+                    return self._take_back(chunk)
+                finally:
+                    self._token.append(True)
+
+    def _lost_in_hand_over(self, unconfirmed: Backlog) -> Any:
+        self._returned = unconfirmed
+        return self.write
+
+    def _take_back(self, chunk: Optional[Backlog]) -> bool:
+        """Token held: the new transport's server went too. Oldest first: what it
+        had, then ``chunk`` (not taken), then the backlog."""
+        backlog = self._returned or Backlog()
+        self._returned = None
+        if chunk is not None:
+            backlog.extend(chunk)
+        backlog.extend(self._backlog)
+        self._backlog = backlog
+        return False
+
+    def _pump(self, transport: SocketTransport) -> None:
+        """Keep handing the new transport's backlog over until it is empty."""
+        try:
+            while not self._stopped and transport.pump():
+                transport.idle()
+        except Exception:
+            pass  # a lost server diverted (a new reconnector took over) or an error waits for the next call
 
     def _fail(self, exc: BaseException) -> None:
-        with self._lock:
-            self._error = exc
+        self._error = exc
         self._done.set()
 
     def _await(self, timeout_ms: Optional[float]) -> SocketTransport:
+        if not self._running:
+            self._start()
         if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000.0):
             raise TimeoutError(
                 f"the offlog server at {self._proxy.sock_path} did not come back in time: "
-                f"{self._queued} bytes not delivered"
+                f"{self.backlog_bytes} bytes not delivered"
             )
         if self._error is not None:
             raise self._error.with_traceback(None)
-        return self._replacement
+        return self._replacement  # type: ignore[return-value]
 
-    def flush(self, timeout_ms: Optional[float]) -> None:
+    def sync(self, timeout_ms: Optional[float]) -> None:
         deadline = Deadline(timeout_ms)
-        self._await(timeout_ms).flush(deadline.left_ms())
+        self._await(timeout_ms).sync(deadline.left_ms())
 
     def close(self) -> None:
         try:
@@ -291,39 +446,42 @@ class _Reconnecting:
             raise
         transport.close()
 
-    def divert(self) -> None:
-        raise AssertionError("a reconnecting transport has no server to lose")
-
     def detach(self) -> None:
         self._stopped = True
-        self._queue.clear()
-        self._queued = 0
+        self._backlog = Backlog()
+        self._reentered.clear()
 
 
-class _ReconnectAfterFork:
-    """A forked child's stand-in transport until its first write.
+_HOLDING = frozenset(f.__code__ for f in (_Reconnecting.write, _Reconnecting._hand_over))
 
-    The child connects only if it writes (a child that execs or exits never
-    does). With ``reconnect=True`` that first write goes to a reconnector, so
-    it does not block on the handshake either; otherwise it opens a transport
-    there and then, and raises what the open raises, as offlog 0.x would.
-    """
+
+class _AfterFork:
+    """A forked child's stand-in transport until its first write, which opens
+    the child's own connection synchronously (see the module docstring)."""
 
     name = "reconnecting"
     backlog_bytes = 0
 
     def __init__(self, proxy: ProxyFile) -> None:
         self._proxy = proxy
+        self._lock = threading.Lock()
 
     def write(self, data: Buffer) -> None:
         proxy = self._proxy
-        if proxy.reconnect:
-            proxy._server_lost([])(data)
-        else:
-            proxy._install(proxy._open_transport())
-            proxy.write(data)
+        with self._lock:
+            if proxy._transport is self:
+                try:
+                    proxy._install(proxy._open_transport())
+                except Exception as exc:
+                    if not proxy.reconnect or (reported_by_server(exc) and not server_gone(exc)):
+                        raise
+                    proxy._server_lost(Backlog())  # no server now: queue, reconnect in the background
+        proxy._transport.write(data)
 
-    def flush(self, timeout_ms: Optional[float]) -> None:
+    def flush(self) -> None:
+        pass
+
+    def sync(self, timeout_ms: Optional[float]) -> None:
         pass
 
     def close(self) -> None:
@@ -341,7 +499,7 @@ def _close_all() -> None:
         try:
             proxy.close()
         except Exception as exc:  # at exit there is no caller left to raise to
-            print(f"offlog: could not flush {proxy.filepath}: {P.exception_text(exc)}", file=sys.stderr)
+            print(f"offlog: could not deliver to {proxy.filepath}: {P.exception_text(exc)}", file=sys.stderr)
 
 
 def _after_fork_in_child() -> None:
@@ -352,6 +510,18 @@ def _after_fork_in_child() -> None:
         proxy._after_fork_in_child()
 
 
+def _register_exit_in_worker(_: Any) -> None:
+    """In a multiprocessing child: close every ProxyFile at its exit (it ends
+    with os._exit, so atexit does not run)."""
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=10)
+
+
+class _AfterForkHook:
+    pass
+
+
+_after_fork_hook = _AfterForkHook()  # multiprocessing keeps its hooks by weak reference
+multiprocessing.util.register_after_fork(_after_fork_hook, _register_exit_in_worker)
 atexit.register(_close_all)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

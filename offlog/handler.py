@@ -7,13 +7,16 @@ record and the handler's :class:`logging.Formatter` turns it into text;
 ``emit`` adds the terminator, encodes UTF-8 and hands the bytes to a
 :class:`~offlog.client.ProxyFile`, whose ``write`` never blocks and keeps each
 record whole in the file. Nothing is buffered here, so nothing can be lost
-here: ``flush`` waits until the server has written every record emitted so
-far, and ``close`` (which :func:`logging.shutdown` calls at interpreter exit)
-flushes and closes the ProxyFile. Errors follow stdlib semantics: a record
+here: ``flush`` hands everything over without waiting for the disk (as a
+stream's flush does), ``sync`` waits until the server has written every
+record emitted so far, and ``close`` (which :func:`logging.shutdown` calls
+at interpreter exit) is a barrier too: it closes the ProxyFile, which waits
+for the server's confirmation. Errors follow stdlib semantics: a record
 that cannot be handed over goes to :meth:`logging.Handler.handleError`
 (printed to stderr while ``logging.raiseExceptions`` is true), never up into
 the code that logged it. ``emit`` runs under the handler's lock (taken by
-``Handler.handle``), as do ``flush`` and ``close``.
+``Handler.handle``), as do ``flush`` and ``close``; ``sync`` does not take
+it, so records go on while it waits.
 """
 
 from __future__ import annotations
@@ -63,15 +66,22 @@ class OfflogHandler(logging.Handler):
             self.handleError(record)
 
     def flush(self) -> None:
-        """Return once the server has written every record emitted so far.
+        """Hand every record emitted so far over to the server; never waits for
+        the disk (stdlib logging may call this after every record)."""
+        with self.lock:
+            if not self._file.closed:
+                self._file.flush()
+
+    def sync(self, timeout: Optional[float] = None) -> None:
+        """Return once the server has written every record emitted so far
+        (``timeout`` in milliseconds, default the ProxyFile's).
 
         Raises the server's error or ``TimeoutError``, as ``close`` does
         (:func:`logging.shutdown` ignores both; offlog's own exit hook then
         prints what went wrong).
         """
-        with self.lock:
-            if not self._file.closed:
-                self._file.flush()
+        if not self._file.closed:
+            self._file.sync(timeout)
 
     def close(self) -> None:
         """Flush and close the ProxyFile, raising what went wrong; idempotent."""

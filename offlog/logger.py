@@ -141,12 +141,20 @@ class Logger:
         if CRITICAL >= self._floor:
             self._emit(CRITICAL, msg, args, exc_info)
 
-    def flush(self, timeout: Optional[int] = None) -> None:
-        """Return once the file has every line logged so far."""
+    def flush(self) -> None:
+        """Hand every line logged so far over (the server and the streams); never
+        waits for the disk."""
         if isinstance(self._file, ProxyFile):
-            self._file.flush(timeout)
+            self._file.flush()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
+
+    def sync(self, timeout: Optional[float] = None) -> None:
+        """Return once the file has every line logged so far (``timeout`` in
+        milliseconds, default the ProxyFile's)."""
+        self.flush()
+        if isinstance(self._file, ProxyFile):
+            self._file.sync(timeout)
 
     def close(self) -> None:
         """Close the file. Possibly blocking. Idempotent."""

@@ -4,29 +4,40 @@ Theory of operation
 -------------------
 * :class:`ShmTransport`: ``write`` is a copy into a shared-memory ring
   (:class:`offlog.shm.ring.Producer`); the socket carries only control.
-* :class:`SocketTransport`: ``write`` is one non-blocking ``sendmsg`` of a
+* :class:`SocketTransport`: ``write`` is one non-blocking ``send`` of a
   DATA frame (framed dialect) or of the raw bytes (0.x server).
 
 Both keep the same rules: a write never blocks; what cannot go out now waits
-in a local backlog, in order, and everything newer waits behind it; close()
-sends the backlog, waits for the server's BYE and raises whatever the server
-reported.
+in the transport's :class:`~offlog.backlog.Backlog`, in order, and
+everything newer waits behind it; a write first moves the backlog on, so a
+queue limit (``max_queue``) judges the backlog as it is now. ``sync()`` and
+``close()`` hand the backlog over, then wait for the server's answer.
+
+Every wait watches the server. Waiting for room, for FLUSHED or for BYE is
+a ``poll()`` on the control socket with a short timeout (never ``select``:
+descriptors above 1024 are ordinary in a busy process), so an EOF, a reset or
+an ERROR from the server ends the wait at once, not at its deadline.
 
 Losing the server. Every transport knows which of its bytes the server has
-not confirmed as written: a ring's ``[TAIL, head)`` plus its backlog; on the
-framed socket, every DATA payload not yet covered by a WRITTEN (or FLUSHED)
-from the server; on a 0.x server's socket only what is still queued locally
-(that dialect confirms nothing). When the server goes away -- EOF, a reset,
-``EPIPE``, or its "server exited" error (errno ``ESHUTDOWN``) -- and the
-owner gave the transport an ``on_lost`` callback, the transport *diverts*:
-it hands those bytes, in order, to ``on_lost`` and forwards every later
-write to what ``on_lost`` returned. Errors about the file itself (permission,
-ENOSPC, ...) are never diverted: they are raised.
+not confirmed as written (its *unconfirmed* bytes): a ring's ``[TAIL, head)``
+plus its backlog; on the framed socket, every DATA payload not yet covered
+by a WRITTEN (or FLUSHED) from the server, plus the backlog; on a 0.x
+server's socket only the backlog (that dialect confirms nothing). When the
+server goes away -- EOF, a reset, ``EPIPE``, or its "server exited" error
+(errno ``ESHUTDOWN``) -- and the owner gave the transport an ``on_lost``
+callback, the transport *diverts*: it hands those bytes, in order, to
+``on_lost`` and forwards every later write to what ``on_lost`` returned.
+Errors about the file itself (permission, ENOSPC, ...) are never diverted:
+they are raised. A transport whose frame stream was cut mid-send by an
+exception (a ``KeyboardInterrupt`` between ``send`` returning and the
+bookkeeping) cannot know what the server received: it diverts too, and the
+reconnect re-sends its unconfirmed bytes (at least once, never torn).
 
 A ring client learns of a lost server without a syscall on its hot path: the
 process-wide :class:`_Hangups` thread waits for ``EPOLLRDHUP`` on the control
 sockets of all rings and interrupts the producer, whose next write takes the
-slow path and looks at the socket.
+slow path and looks at the socket. The thread holds producers weakly: an
+unclosed ProxyFile is still garbage-collected.
 """
 
 from __future__ import annotations
@@ -39,12 +50,15 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections import deque
-from typing import Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Optional, Union
 
 from . import protocol as P
+from . import token
+from .backlog import Backlog
 from .shm import ClientRing, unsupported_reason
-from .shm.ring import admit_all
+from .shm.ring import WAIT, admit_all
 from .watcher import Watcher
 
 DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
@@ -56,10 +70,15 @@ ACK_POLL = 64 * 1024
 LEGACY_NOT_ERRORS = (b"OK", b"ROTATED")
 #: Largest write the socket hot path sends as one header + payload copy.
 QUICK_MAX = 64 * 1024
+#: Most payload bytes the backlog pump puts in one DATA frame (whole records only).
+BATCH_MAX = 256 * 1024
+#: Seconds one step of a wait sleeps in poll() before it looks again.
+WAIT_STEP = 0.0005
 _DATA_HEADER = P.FRAME_HEADER.pack
+_WATCH = select.POLLIN | getattr(select, "POLLRDHUP", 0)
 Buffer = Union[bytes, bytearray, memoryview, str]
-#: on_lost(unwritten chunks, in order) -> the write() that takes over.
-OnLost = Callable[[List[bytes]], Callable[[Buffer], None]]
+#: on_lost(unconfirmed bytes, in order) -> the write() that takes over.
+OnLost = Callable[[Backlog], Callable[[Buffer], None]]
 
 
 class ShmUnavailableError(OSError):
@@ -67,9 +86,9 @@ class ShmUnavailableError(OSError):
 
 
 class ServerGone(Exception):
-    """Internal: ``transport``'s server went away and its bytes must be diverted."""
+    """Internal: ``transport``'s server went away and its bytes were diverted."""
 
-    def __init__(self, transport: "SocketTransport") -> None:
+    def __init__(self, transport: Any) -> None:
         super().__init__("the offlog server went away")
         self.transport = transport
 
@@ -109,9 +128,29 @@ class Deadline:
         left = self.left()
         return None if left is None else left * 1000.0
 
+    def step(self, longest: float) -> float:
+        """Seconds to wait now: ``longest``, or less if the deadline is nearer."""
+        left = self.left()
+        return longest if left is None else min(left, longest)
+
+
+def wait_readable(sock: socket.socket, timeout: Optional[float], events: int = _WATCH) -> bool:
+    """poll() one socket (any descriptor number); True if something is ready."""
+    poller = select.poll()
+    poller.register(sock, events)
+    try:
+        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+    except InterruptedError:
+        return False
+
 
 class _Channel:
-    """Reads server messages: blocking with a deadline, or whatever is there now."""
+    """Reads server messages: blocking with a deadline, or whatever is there now.
+
+    Several threads may read (a writer collecting WRITTEN, a sync waiting for
+    FLUSHED): each ``recv`` and the parsing of its bytes happen under a lock
+    that is never held across a wait.
+    """
 
     def __init__(self, sock: socket.socket, framed: bool) -> None:
         self.sock = sock
@@ -121,32 +160,35 @@ class _Channel:
         self._reader = P.FrameReader(P.SERVER_FRAMES)
         self._frames: Deque[P.Frame] = deque()
         self._legacy = b""
-
-    def _recv(self, deadline: Deadline) -> bytes:
-        while True:
-            ready, _, _ = select.select([self.sock], [], [], deadline.left())
-            if not ready:
-                raise TimeoutError("no response from the offlog server in time")
-            try:
-                return self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except ConnectionResetError:
-                return b""
+        self._lock = threading.Lock()
 
     def poll(self) -> None:
         """Take in whatever the server has sent, without waiting."""
-        while not self.eof:
-            try:
-                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                return
+        if self._lock.locked():
+            return  # another thread is reading right now
+        with self._lock:
+            while not self.eof:
+                try:
+                    chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    self.eof = True
+                    return
+                self._take(chunk)
+
+    def _take(self, chunk: bytes) -> None:
+        if self.framed:
             self.feed(chunk)
+        else:
+            self._legacy += chunk
+
+    def _wait_and_poll(self, deadline: Deadline) -> None:
+        if not wait_readable(self.sock, deadline.left()):
+            deadline.left()  # raises TimeoutError when it is the deadline that passed
+        self.poll()
 
     def greeting(self, deadline: Deadline) -> bytes:
         """Read the server's first bytes: SERVER_PREAMBLE from a current server,
@@ -163,6 +205,19 @@ class _Channel:
             return P.SERVER_PREAMBLE
         return data
 
+    def _recv(self, deadline: Deadline) -> bytes:
+        """Handshake only (one reader): the next bytes, b"" at EOF."""
+        while True:
+            if not wait_readable(self.sock, deadline.left()):
+                deadline.left()
+                continue
+            try:
+                return self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionResetError:
+                return b""
+
     def feed(self, data: bytes) -> None:
         for f in self._reader.feed(data):
             if f.type == P.WRITTEN:
@@ -175,19 +230,16 @@ class _Channel:
 
     def frame(self, deadline: Deadline) -> P.Frame:
         while not self._frames:
-            chunk = b"" if self.eof else self._recv(deadline)
-            if not chunk:
-                self.eof = True
+            if self.eof:
                 raise EOFError("the offlog server closed the connection")
-            self.feed(chunk)
+            self._wait_and_poll(deadline)
         return self._frames.popleft()
 
     def legacy_message(self, deadline: Deadline) -> bytes:
         while P.NUL not in self._legacy:
-            chunk = self._recv(deadline)
-            if not chunk:
+            if self.eof:
                 raise EOFError("the offlog server closed the connection")
-            self._legacy += chunk
+            self._wait_and_poll(deadline)
         message, _, self._legacy = self._legacy.partition(P.NUL)
         return message
 
@@ -211,11 +263,13 @@ ON_FULL = ("drop", "block", "raise")
 
 
 class QueueLimit:
-    """What happens when a write would grow the local queue past ``max_bytes``.
+    """What happens when a write would grow the backlog past ``max_bytes``.
 
-    ``drop``: the write is discarded and counted; ``block``: wait (at most the
-    ProxyFile's timeout) until the queue has room; ``raise``: BlockingIOError.
-    A write is always admitted into an empty queue, whatever its size.
+    ``drop``: the write is discarded and counted; ``block``: the write waits
+    (at most the ProxyFile's timeout, without holding anything another
+    thread or the reconnect needs) until the backlog has room; ``raise``:
+    BlockingIOError. A write is always admitted into an empty backlog,
+    whatever its size.
     """
 
     def __init__(self, max_bytes: int, on_full: str, timeout_ms: Optional[float]) -> None:
@@ -228,7 +282,8 @@ class QueueLimit:
         self.timeout = timeout_ms
         self.dropped = 0
 
-    def admit(self, queued: int, n: int, make_room: Callable[[], int]) -> bool:
+    def admit(self, queued: int, n: int) -> object:
+        """True: queue it; False: dropped (counted); WAIT: wait for room; or raise."""
         if not queued or queued + n <= self.max_bytes:
             return True
         if self.on_full == "drop":
@@ -238,16 +293,12 @@ class QueueLimit:
             raise BlockingIOError(
                 errno.ENOBUFS, f"offlog queue full: {queued} bytes queued, max_queue is {self.max_bytes}"
             )
-        deadline = Deadline(self.timeout)
-        while True:
-            queued = make_room()
-            if not queued or queued + n <= self.max_bytes:
-                return True
-            try:
-                deadline.left()
-            except TimeoutError:
-                raise TimeoutError(f"offlog queue stayed full ({queued} bytes) for the whole timeout") from None
-            time.sleep(0.0005)
+        return WAIT
+
+    def check_wait(self, since: float) -> None:
+        """Raise TimeoutError once a write has waited the whole timeout for room."""
+        if self.timeout is not None and time.monotonic() - since > self.timeout / 1000.0:
+            raise TimeoutError(f"offlog queue stayed full (max_queue {self.max_bytes} bytes) for the whole timeout")
 
 
 class SocketTransport:
@@ -265,116 +316,207 @@ class SocketTransport:
         self._sock.setblocking(False)
         self._framed = channel.framed
         self._timeout = timeout_ms
-        self._backlog: Deque[memoryview] = deque()
-        self._queued = 0
-        self._lock = threading.Lock()
+        self._token = token.new()
+        self._reentered: Deque[bytes] = deque()
+        self._backlog = Backlog()  # accepted, not yet handed to the socket
+        self._partial: Optional[memoryview] = None  # the unsent rest of a frame (or of raw bytes)
+        self._unconfirmed = Backlog()  # framed: payloads sent, not yet covered by WRITTEN
+        self._in_send = False  # a frame is between send() and its bookkeeping
         self._tokens = itertools.count(1)
         self._error: Optional[BaseException] = None  # what the server reported, once
         self._diverted: Optional[Callable[[Buffer], None]] = None
-        self._taken = False  # whether the write in progress is already in _unacked/_backlog
-        self._quick = self._framed  # the hot path applies (framed, not diverted)
-        # Framed only: DATA payloads the server has not confirmed as written.
-        self._unacked: Deque[Tuple[int, bytes]] = deque()
-        self._position = 0
+        self._closed = False
+        self._slow = not self._framed  # the hot path does not apply (see _update_slow)
         self._next_poll = ACK_POLL
-        channel.on_written = self._forget_written
+        channel.on_written = self._unconfirmed.forget_until
 
     @property
     def backlog_bytes(self) -> int:
-        return self._queued
+        return len(self._backlog) + (self._partial.nbytes if self._partial is not None and not self._framed else 0)
+
+    @property
+    def diverted(self) -> bool:
+        return self._diverted is not None
 
     def write(self, data: Buffer) -> None:
         # Socket hot path (framed, nothing queued, bytes up to 64 KiB): one send()
-        # of header + payload, a syscall of ~1.5 us; the payload is kept (bytes:
-        # no copy) until the server's WRITTEN covers it. Anything else: _write_any.
-        lock = self._lock
-        lock.acquire()
+        # of header + payload, a syscall of ~1.5 us, and a copy of the payload
+        # into the unconfirmed backlog until the server's WRITTEN covers it.
+        tok = self._token
         try:
-            if type(data) is not bytes or not self._quick or self._backlog or len(data) > QUICK_MAX:
-                return self._write_any(data)
-            n = len(data)
-            self._position = position = self._position + n
-            self._unacked.append((position, data))
-            message = _DATA_HEADER(P.DATA, n) + data
-            try:
-                sent = self._sock.send(message)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except (BrokenPipeError, ConnectionResetError):
-                return self._lost(data, taken=True)
-            if sent < len(message):
-                self._enqueue([memoryview(message)[sent:]])
-            if position >= self._next_poll:
-                self._next_poll = position + ACK_POLL
-                self._channel.poll()  # collects WRITTEN frames
+            tok.pop()
+        except IndexError:
+            return self._write_slow(data)
+        try:
+            if type(data) is bytes and not self._slow and len(data) <= QUICK_MAX:
+                message = _DATA_HEADER(P.DATA, len(data)) + data
+                self._in_send = True
+                self._unconfirmed.append(data)
+                try:
+                    sent = self._sock.send(message)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = -1
+                if 0 <= sent < len(message):
+                    self._partial = memoryview(message)[sent:]
+                    self._slow = True
+                self._in_send = False
+                if sent < 0:
+                    return self._lost_locked()  # the record is in _unconfirmed: it goes on
+                if self._unconfirmed.end >= self._next_poll:
+                    self._next_poll = self._unconfirmed.end + ACK_POLL
+                    self._channel.poll()  # collects WRITTEN frames
+                return
+        except BaseException:
+            self._interrupted_locked()
+            raise
         finally:
-            lock.release()
+            tok.append(True)
+        return self._write_slow(data)
 
-    def _write_any(self, data: Buffer) -> None:
-        """Lock held: every write the hot path does not take."""
-        if self._diverted is not None:
-            return self._diverted(data)
-        self._taken = False
+    # -- slow path ---------------------------------------------------------------
+    def _take(self) -> bool:
+        return token.take(self._token, self, _HOLDING)
+
+    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self._take():
+            raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
         try:
-            self._write_locked(data)
-        except ServerGone:
-            self._lost(data, self._taken)
+            return fn(*args)
+        except BaseException:
+            self._interrupted_locked()
+            raise
+        finally:
+            self._token.append(True)
 
-    def _lost(self, data: Buffer, taken: bool) -> None:
-        """Lock held: the server is gone (or failed) during this write."""
+    def _write_slow(self, data: Buffer) -> None:
+        """Every write the hot path does not finish; the token is not held."""
+        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
+        since = None
+        while True:
+            if not self._take():
+                self._reentered.append(bytes(view))  # the interrupted write's owner sends it
+                self._slow = True
+                return
+            try:
+                outcome = self._write_locked(view)
+            except BaseException:
+                self._interrupted_locked()
+                raise
+            finally:
+                self._token.append(True)
+            if outcome is None:
+                return
+            if outcome is not WAIT:
+                return outcome(view)  # diverted: the reconnect path takes it
+            since = time.monotonic() if since is None else since
+            self._limit.check_wait(since)
+            self.idle()
+
+    def _write_locked(self, view: memoryview):
+        """Token held: None when done, WAIT, or the handler of a diverted transport."""
+        self._take_reentered()
+        if self._diverted is not None:
+            return self._diverted
+        if self._closed:
+            raise ValueError("write to a closed ProxyFile")
+        if self._error is not None:
+            raise self._error.with_traceback(None)
+        n = view.nbytes
+        if not n:
+            return None
+        self._pump_locked()  # room first: a recovered server admits again
+        if self._diverted is not None:
+            return self._diverted
+        if self._backlog:
+            verdict = self._admit(len(self._backlog), n)
+            if verdict is WAIT:
+                return WAIT
+            if not verdict:
+                return None
+        self._backlog.append(view)
+        self._pump_locked()
+        return None
+
+    def _take_reentered(self) -> None:
+        while self._reentered:
+            chunk = self._reentered.popleft()
+            if self._diverted is not None:
+                self._diverted(chunk)
+            elif not self._closed:
+                self._backlog.append(chunk)
+        self._update_slow()
+
+    def _update_slow(self) -> None:
+        self._slow = bool(
+            not self._framed
+            or self._backlog
+            or self._partial is not None
+            or self._reentered
+            or self._diverted is not None
+            or self._closed
+            or self._error is not None
+        )
+
+    def _pump_locked(self) -> bool:
+        """Token held: send what the socket takes now; True if all of it went.
+        A lost server diverts (the caller then finds ``_diverted`` set)."""
+        try:
+            while True:
+                if self._partial is not None:
+                    sent = self._sock.send(self._partial)
+                    if sent < self._partial.nbytes:
+                        self._partial = self._partial[sent:]
+                        return False
+                    self._partial = None
+                if not self._backlog:
+                    return True
+                self._send_from_backlog()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._lost_locked()
+            return False
+        finally:
+            self._update_slow()
+
+    def _send_from_backlog(self) -> None:
+        """Token held, nothing partial: frame the backlog's first records and send them."""
+        backlog = self._backlog
+        if not self._framed:  # 0.x: raw bytes, nothing to confirm
+            n = min(len(backlog), BATCH_MAX)
+            self._in_send = True
+            with backlog.view(n) as view:
+                message = bytes(view)
+            backlog.consume(n)
+            self._partial = memoryview(message)
+            self._in_send = False
+            return
+        n = backlog.whole(BATCH_MAX) or min(backlog.first_record(), P.MAX_PAYLOAD)
+        with backlog.view(n) as view:
+            payload = bytes(view)
+        self._in_send = True
+        self._unconfirmed.append(payload)
+        backlog.consume(n)
+        self._partial = memoryview(_DATA_HEADER(P.DATA, n) + payload)
+        self._in_send = False
+
+    def _interrupted_locked(self) -> None:
+        """Token held, an exception is passing: if it cut a send short, what
+        the server got is unknown; divert (re-send every unconfirmed byte)."""
+        if self._in_send:
+            self._in_send = False
+            self._backlog.repair()
+            self._unconfirmed.repair()
+            self._divert_locked(BrokenPipeError("offlog: a send was interrupted; the connection was dropped"))
+
+    def _lost_locked(self) -> None:
+        """Token held: the socket broke. Divert, or raise what the server said."""
         error = self._gone()
         if not isinstance(error, ServerGone):
             raise error
-        self._divert_locked()
-        if not taken:  # lost while sending older bytes: this write goes on too
-            self._diverted(data)
-
-    def _write_locked(self, data: Buffer) -> None:
-        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
-        if self._backlog:
-            self._pump_locked()
-            if self._backlog and not self._admit(self._queued, view.nbytes, self._make_room):
-                return  # dropped (and counted) by the queue limit
-        if not self._framed:  # 0.x: queue first, so a lost server leaves it in the backlog
-            self._enqueue([view])
-            self._taken = True
-            self._pump_locked()
-            return
-        payload = data if type(data) is bytes else bytes(view)  # kept until WRITTEN
-        self._position += view.nbytes
-        self._unacked.append((self._position, payload))
-        self._taken = True
-        pieces: List[memoryview] = []
-        for chunk in _split(view, P.MAX_PAYLOAD):
-            pieces += (memoryview(_DATA_HEADER(P.DATA, chunk.nbytes)), chunk)
-        if not self._backlog:
-            pieces = self._send(pieces)
-        self._enqueue(pieces)
-
-    def _enqueue(self, pieces: List[memoryview]) -> None:
-        for piece in pieces:
-            self._backlog.append(memoryview(bytes(piece)))
-            self._queued += piece.nbytes
-
-    def _forget_written(self, position: int) -> None:
-        """The server wrote every payload byte up to ``position``."""
-        unacked = self._unacked
-        while unacked and unacked[0][0] <= position:
-            unacked.popleft()
-
-    def _make_room(self) -> int:
-        self._pump_locked()
-        return self._queued
-
-    def _send(self, pieces: List[memoryview]) -> List[memoryview]:
-        """Send what the socket takes now; return the unsent rest."""
-        try:
-            sent = self._sock.sendmsg(pieces)
-        except (BlockingIOError, InterruptedError):
-            return pieces
-        except (BrokenPipeError, ConnectionResetError):
-            raise self._gone() from None
-        return _unsent(pieces, sent)
+        self._divert_locked(error)
 
     def _gone(self, fallback: Optional[BaseException] = None) -> BaseException:
         """What to raise now that the server closed: read what it said, then :meth:`_verdict`."""
@@ -392,97 +534,147 @@ class SocketTransport:
         if self.on_lost is not None and server_gone(error):
             return ServerGone(self)
         self._error = error
+        self._update_slow()
         return error.with_traceback(None)
 
-    def unwritten(self) -> List[bytes]:
-        """Lock held: the bytes the server has not confirmed, in order."""
-        if self._framed:
-            return [payload for _, payload in self._unacked]
-        return [bytes(piece) for piece in self._backlog]
+    def unconfirmed(self) -> Backlog:
+        """Token held: every byte the server has not confirmed, in order (a new backlog)."""
+        out = Backlog()
+        out.extend(self._unconfirmed)
+        out.extend(self._backlog)
+        return out
 
-    def divert(self) -> None:
-        """Hand every unconfirmed byte to ``on_lost``; forward later writes."""
-        with self._lock:
-            self._divert_locked()
+    def _divert_locked(self, why: BaseException) -> None:
+        """Token held: hand every unconfirmed byte to ``on_lost``; forward later writes.
+        Without ``on_lost`` (reconnect=False) ``why`` is remembered and raised."""
+        if self._diverted is not None or self._closed:
+            return
+        if self.on_lost is None:
+            self._error = self._error or why
+            self._update_slow()
+            return
+        bytes_left = self.unconfirmed()
+        self._backlog.clear()
+        self._unconfirmed.clear()
+        self._partial = None
+        self._release_control()
+        self._diverted = self.on_lost(bytes_left)
+        self._update_slow()
 
-    def _divert_locked(self) -> None:
-        if self._diverted is None:
-            self._quick = False
-            self._diverted = self.on_lost(self.unwritten())
-            self._backlog.clear()
-            self._queued = 0
-            self._unacked.clear()
-            self._sock.close()
-
-    def _pump_locked(self) -> None:
-        while self._backlog:
-            batch = list(itertools.islice(self._backlog, 64))
-            rest = self._send(batch)
-            for _ in range(len(batch) - len(rest)):
-                self._queued -= self._backlog.popleft().nbytes
-            if rest:
-                if rest[0].nbytes != self._backlog[0].nbytes:
-                    self._queued -= self._backlog[0].nbytes - rest[0].nbytes
-                    self._backlog[0] = rest[0]
-                return
+    def _release_control(self) -> None:
+        self._sock.close()
 
     def pump(self) -> int:
-        with self._lock:
-            self._pump_locked()
-            return self._queued
+        """Hand over what the socket takes now; return bytes still queued here."""
+        if not self._take():
+            return self.backlog_bytes
+        try:
+            self._take_reentered()
+            if self._diverted is None and self._error is None and not self._closed:
+                self._pump_locked()
+            return self.backlog_bytes
+        finally:
+            self._token.append(True)
+
+    def flush(self) -> None:
+        """Hand over what can go now; never waits."""
+        self.pump()
+
+    def take_backlog(self, chunk: Backlog) -> bool:
+        """Queue ``chunk``'s records after everything else (a reconnect's hand-over);
+        False, taking nothing, if this transport has diverted already."""
+        return self.locked(self._take_backlog_locked, chunk)
+
+    def _take_backlog_locked(self, chunk: Backlog) -> bool:
+        if self._diverted is not None or self._error is not None:
+            return False
+        self._backlog.extend(chunk)
+        self._pump_locked()
+        return True
+
+    def idle(self) -> None:
+        """One step of a wait: until the socket takes more or the server speaks
+        (WAIT_STEP at most); an EOF or an ERROR ends in a divert or a raise."""
+        channel = self._channel
+        if self._diverted is None and not channel.eof and not channel.has_frames():
+            wait_readable(self._sock, WAIT_STEP, _WATCH | select.POLLOUT)
+            channel.poll()
+        if self._diverted is None and (channel.eof or channel.has_frames()) and not self._closed:
+            self.locked(self._check_control)
+
+    def _check_control(self) -> None:
+        """Token held: the server closed or said something unasked: an ERROR or its exit."""
+        if self._diverted is None and self._error is None:
+            self._lost_locked()
 
     def _drain(self, deadline: Deadline) -> None:
-        """Block (until the deadline) until the backlog is handed over."""
-        while self.pump():
+        """Hand the whole backlog over (until the deadline), watching the server."""
+        while self.pump() or self._partial is not None:
+            self._raise_if_diverted()
+            if self._error is not None:
+                raise self._error.with_traceback(None)
             try:
-                left = deadline.left()
+                deadline.left()
             except TimeoutError:
                 raise TimeoutError(
                     f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not sent"
                 ) from None
-            self._wait_for_room(left)
+            self.idle()
+        self._raise_if_diverted()
 
-    def _wait_for_room(self, timeout: Optional[float]) -> None:
-        select.select([], [self._sock], [], timeout)
+    def _raise_if_diverted(self) -> None:
+        if self._diverted is not None:
+            raise ServerGone(self)
 
-    def flush(self, timeout_ms: Optional[float]) -> None:
+    def sync(self, timeout_ms: Optional[float]) -> None:
+        """Return once the server has written everything written before the call."""
         deadline = Deadline(timeout_ms)
         self._drain(deadline)
         if not self._framed:
             return  # a 0.x server cannot confirm writes: sent is all we know
-        token = next(self._tokens)
-        with self._lock:
-            position = self._position
-            self._report_dropped(deadline)
-            self._send_control(P.encode_u64(P.FLUSH, token), deadline)
+        request = next(self._tokens)
+        position = self.locked(self._send_control, P.encode_u64(P.FLUSH, request))
         while True:
             f = self._next_frame(deadline)
-            if f.type == P.FLUSHED and P.decode_u64(f.payload) == token:
-                with self._lock:
-                    self._forget_written(position)
+            if f.type == P.FLUSHED and P.decode_u64(f.payload) == request:
+                self.locked(self._unconfirmed.forget_until, position)
                 return
             if f.type == P.ERROR:
-                raise self._verdict(_remote(P.decode_error(f.payload)))
+                raise self.locked(self._verdict, _remote(P.decode_error(f.payload)))
 
     def _next_frame(self, deadline: Deadline) -> P.Frame:
-        try:
-            return self._channel.frame(deadline)
-        except EOFError:
-            raise self._gone() from None
+        channel = self._channel
+        while not channel.has_frames():
+            self._raise_if_diverted()
+            if channel.eof:
+                self.locked(self._check_control)
+                self._raise_if_diverted()
+                raise self._error.with_traceback(None)  # type: ignore[union-attr]
+            channel._wait_and_poll(Deadline(deadline.step(0.05) * 1000))
+            deadline.left()
+        return channel.frame(deadline)
 
-    def _report_dropped(self, deadline: Deadline) -> None:
+    def _send_control(self, message: bytes) -> int:
+        """Token held: queue a control frame after every DATA frame; return the
+        payload position it follows."""
+        self._report_dropped_locked()
+        self._queue_control(message)
+        return self._unconfirmed.end
+
+    def _queue_control(self, message: bytes) -> None:
+        if self._partial is None and not self._backlog:
+            self._partial = memoryview(message)
+        else:  # behind data still queued: it goes out when the backlog has
+            self._pump_locked()
+            self._partial = memoryview(bytes(self._partial or b"") + message)
+        self._pump_locked()
+
+    def _report_dropped_locked(self) -> None:
         """Tell the server how many bytes the queue limit dropped (for its status and log)."""
         dropped = self._limit.dropped if self._limit else 0
         if dropped != self._dropped_reported and self._framed:
-            self._send_control(P.encode_u64(P.DROPPED, dropped), deadline)
+            self._queue_control(P.encode_u64(P.DROPPED, dropped))
             self._dropped_reported = dropped
-
-    def _send_control(self, message: bytes, deadline: Deadline) -> None:
-        view = [memoryview(message)]
-        while view:
-            view = self._send(view)
-            if view:
-                select.select([], [self._sock], [], deadline.left())
 
     def close(self) -> None:
         deadline = Deadline(self._timeout)
@@ -490,55 +682,65 @@ class SocketTransport:
             if self._error is not None:
                 return  # already reported to the caller; the server has closed
             self._drain(deadline)
-            with self._lock:
-                self._report_dropped(deadline)
+            self.locked(self._close_locked)
+            while self._partial is not None:  # the DROPPED report, if any
+                self.locked(self._pump_locked)
+                self._raise_if_diverted()
+                if self._partial is not None:
+                    deadline.left()
+                    self.idle()
             try:
                 self._sock.shutdown(socket.SHUT_WR)
             except OSError:
-                raise self._gone() from None
+                self.locked(self._lost_locked)
+                self._raise_if_diverted()
             self._await_bye(deadline)
         finally:
+            self._closed = True
+            self._update_slow()
             self._sock.close()
+
+    def _close_locked(self) -> None:
+        self._take_reentered()
+        self._pump_locked()
+        self._report_dropped_locked()
+        self._closed = True  # later writes raise ValueError
+        self._update_slow()
 
     def _await_bye(self, deadline: Deadline) -> None:
         if self._framed:
             while True:
-                f = self._next_frame(deadline)
+                try:
+                    f = self._next_frame(deadline)
+                except (ServerGone, OSError) as exc:
+                    if self._nothing_unconfirmed():
+                        return  # every byte confirmed: nothing to re-send, nothing lost
+                    raise exc
                 if f.type == P.BYE:
                     return
                 if f.type == P.ERROR:
-                    raise self._verdict(_remote(P.decode_error(f.payload)))
+                    raise self.locked(self._verdict, _remote(P.decode_error(f.payload)))
         while True:
             try:
                 message = self._channel.legacy_message(deadline)
             except EOFError:
-                raise self._gone() from None
+                return  # 0.x confirms nothing: what was sent is all we know
             if message == b"BYE":
                 return
             if message not in LEGACY_NOT_ERRORS:
-                raise self._verdict(_remote(P.exception_from_text(message.decode("utf-8", "replace"))))
+                raise self.locked(self._verdict, _remote(P.exception_from_text(message.decode("utf-8", "replace"))))
+
+    def _nothing_unconfirmed(self) -> bool:
+        return not self._unconfirmed and not self._backlog
 
     def detach(self) -> None:
         """After fork: the parent owns the connection and the backlog."""
-        self._backlog.clear()
-        self._queued = 0
-        self._unacked.clear()
+        self._token = token.new()
+        self._backlog = Backlog()
+        self._unconfirmed = Backlog()
+        self._partial = None
+        self._closed = True
         self._sock.close()
-
-
-def _unsent(pieces: List[memoryview], sent: int) -> List[memoryview]:
-    """The part of ``pieces`` after the first ``sent`` bytes (a new list)."""
-    for i, piece in enumerate(pieces):
-        if sent < piece.nbytes:
-            return [piece[sent:]] + pieces[i + 1 :]
-        sent -= piece.nbytes
-    return []
-
-
-def _split(view: memoryview, size: int) -> List[memoryview]:
-    if view.nbytes <= size:
-        return [view]
-    return [view[i : i + size] for i in range(0, view.nbytes, size)]
 
 
 class ShmTransport(SocketTransport):
@@ -549,13 +751,28 @@ class ShmTransport(SocketTransport):
     def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
         super().__init__(channel, timeout_ms, limit)
         self._ring: Optional[ClientRing] = None
-        self._producer = None
+        self._producer: Any = None
 
     def attach(self, ring: ClientRing) -> None:
         self._ring = ring
         self._producer = ring.producer
         self.write = self._producer.write  # the hot path: see Producer.write
-        _Hangups.instance().watch(self._sock.fileno(), self._producer.interrupt)
+        producer = weakref.ref(self._producer)
+
+        def hung_up() -> None:
+            alive = producer()
+            if alive is not None:
+                alive.interrupt()
+
+        _Hangups.instance().watch(self._sock.fileno(), hung_up)
+
+    def producer_options(self) -> dict:
+        return {
+            "on_failed": self.failed,
+            "on_interrupt": self.interrupted,
+            "admit": self._limit.admit if self._limit else None,
+            "idle": self._idle_for_room,
+        }
 
     # Called by the producer, token held.
     def failed(self, code: int) -> None:
@@ -566,6 +783,7 @@ class ShmTransport(SocketTransport):
         if isinstance(error, ServerGone):
             self._producer.divert_locked(self._lost)
             return
+        self._producer.close_locked()
         raise error
 
     def interrupted(self) -> None:
@@ -574,11 +792,15 @@ class ShmTransport(SocketTransport):
         if self._channel.eof or self._channel.has_frames():
             self.failed(errno.EPIPE)
 
-    def _lost(self, chunks: List[bytes]) -> Callable[[Buffer], None]:
-        self._close_control()
-        return self.on_lost(chunks)
+    def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:
+        """The producer diverts: close the control side, hand the bytes on."""
+        self._release_control()
+        return self.on_lost(unconfirmed)
 
-    def _close_control(self) -> None:
+    def _lost_locked(self) -> None:
+        self.failed(errno.EPIPE)
+
+    def _release_control(self) -> None:
         _Hangups.instance().forget(self._sock.fileno())
         self._sock.close()
         self._ring.close()
@@ -587,26 +809,162 @@ class ShmTransport(SocketTransport):
     def backlog_bytes(self) -> int:
         return self._producer.backlog_bytes
 
+    @property
+    def diverted(self) -> bool:
+        return self._producer._diverted is not None
+
     def pump(self) -> int:
         return self._producer.pump()
 
-    def divert(self) -> None:
-        self._producer.divert(self._lost)
+    def take_backlog(self, chunk: Backlog) -> bool:
+        return self._producer.locked(self._producer.take_backlog_locked, chunk)
 
-    def _wait_for_room(self, timeout: Optional[float]) -> None:
-        self._producer.wake()  # the consumer frees room; nothing to select on
-        time.sleep(0.0005)
+    def _idle_for_room(self, since: float) -> None:
+        if self._limit is not None:
+            self._limit.check_wait(since)
+        self.idle()
+
+    def idle(self) -> None:
+        """One step of a wait for the consumer: wake it, then poll the control
+        socket for WAIT_STEP; a hang-up or a word from the server is looked at
+        at once (a divert, or the server's error raised)."""
+        producer = self._producer
+        producer.wake()
+        if wait_readable(self._sock, WAIT_STEP) and not self.diverted:
+            producer.interrupt()
+            producer.locked(self._look_at_control)
+
+    def _look_at_control(self) -> None:
+        producer = self._producer
+        if producer._diverted is None and not producer._closed:
+            producer._interrupted = False
+            self.interrupted()
+            producer._update_limit()
+
+    def _raise_if_diverted(self) -> None:
+        if self.diverted:
+            raise ServerGone(self)
+
+    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._producer.locked(fn, *args)
+
+    def _drain(self, deadline: Deadline) -> None:
+        while self.pump():
+            self._raise_if_diverted()
+            try:
+                deadline.left()
+            except TimeoutError:
+                raise TimeoutError(
+                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not in the ring"
+                ) from None
+            self.idle()
+        self._raise_if_diverted()
+
+    def sync(self, timeout_ms: Optional[float]) -> None:
+        deadline = Deadline(timeout_ms)
+        self._drain(deadline)
+        request = next(self._tokens)
+        self._producer.locked(self._send_control, P.encode_u64(P.FLUSH, request))
+        while True:
+            try:
+                f = self._next_frame(deadline)
+            except BaseException:
+                self._raise_if_diverted()
+                raise
+            if f.type == P.FLUSHED and P.decode_u64(f.payload) == request:
+                return
+            if f.type == P.ERROR:
+                raise self._producer.locked(self._file_error, f)
+
+    def _file_error(self, f: P.Frame) -> BaseException:
+        error = self._verdict(_remote(P.decode_error(f.payload)))
+        if isinstance(error, ServerGone):
+            self._producer.divert_locked(self._lost)
+            return error
+        self._producer.close_locked()
+        return error
+
+    def _next_frame(self, deadline: Deadline) -> P.Frame:
+        channel = self._channel
+        while not channel.has_frames():
+            self._raise_if_diverted()
+            if channel.eof:
+                self._producer.locked(self._look_at_control)
+                self._raise_if_diverted()
+                raise self._error.with_traceback(None)  # type: ignore[union-attr]
+            self._producer.wake()
+            channel._wait_and_poll(Deadline(deadline.step(0.05) * 1000))
+            deadline.left()
+        return channel.frame(deadline)
+
+    def _nothing_unconfirmed(self) -> bool:
+        return self._producer.unreleased_bytes() == 0 and not self._producer.backlog_bytes
 
     def close(self) -> None:
-        _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE
+        deadline = Deadline(self._timeout)
         try:
-            super().close()
+            if self._error is not None:
+                return
+            self._drain(deadline)
+            self._producer.locked(self._close_ring_locked)
+            while self._partial is not None:
+                self._producer.locked(self._pump_locked)
+                if self._partial is not None:
+                    deadline.left()
+                    wait_readable(self._sock, WAIT_STEP, select.POLLOUT)
+            _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the BYE wait below reads what happened
+            self._await_bye(deadline)
         finally:
+            _Hangups.instance().forget(self._sock.fileno())
+            self._closed = True
+            self._sock.close()
             self._ring.close()
+
+    def _close_ring_locked(self) -> None:
+        self._producer._take_reentered()
+        if self._producer._diverted is not None:
+            raise ServerGone(self)
+        self._report_dropped_locked()
+        self._producer.close_locked()
+
+    def _await_bye(self, deadline: Deadline) -> None:
+        while True:
+            try:
+                f = self._channel.frame(deadline)
+            except EOFError:
+                if self._nothing_unconfirmed():
+                    return  # every byte released by the server: nothing lost
+                self._producer.locked(self._reopen_for_divert)
+                raise ServerGone(self) from None
+            if f.type == P.BYE:
+                return
+            if f.type == P.ERROR:
+                raise self._producer.locked(self._file_error, f)
+
+    def _reopen_for_divert(self) -> None:
+        """Token held, closing, server gone with bytes unreleased: divert them."""
+        producer = self._producer
+        producer._closed = False
+        error = self._verdict(BrokenPipeError("the offlog server closed the connection"))
+        if isinstance(error, ServerGone):
+            producer.divert_locked(self._lost)
+        else:
+            producer._closed = True
+            raise error
 
     def detach(self) -> None:
         self._producer.detach()
         super().detach()
+
+
+_HOLDING = frozenset(
+    f.__code__
+    for f in (SocketTransport.write, SocketTransport.locked, SocketTransport.pump, SocketTransport._write_slow)
+)
 
 
 class _Hangups:
@@ -677,14 +1035,7 @@ def open_transport(
         capacity, shm_name, sem_name = P.decode_offer(offer.payload)
         transport = ShmTransport(channel, timeout_ms, limit)
         try:
-            ring = ClientRing(
-                capacity,
-                shm_name,
-                sem_name,
-                on_failed=transport.failed,
-                on_interrupt=transport.interrupted,
-                admit=limit.admit if limit else None,
-            )
+            ring = ClientRing(capacity, shm_name, sem_name, **transport.producer_options())
         except Exception as exc:
             sock.sendall(P.frame(P.SHM_DECLINE, P.exception_text(exc).encode()))
             if shm:
@@ -732,13 +1083,37 @@ def _open_legacy(
 
 
 def connect(sock_path: str, deadline: Deadline) -> socket.socket:
+    """Connect to the server's socket. A full listen backlog (EAGAIN) is waited
+    out until the deadline; a missing or dead server is said in words."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(deadline.left())
-        sock.connect(sock_path)
-        sock.settimeout(None)
         sock.setblocking(False)
+        pause = 0.001
+        while True:
+            try:
+                sock.connect(sock_path)
+                return sock
+            except (BlockingIOError, InterruptedError):
+                pass  # the server's listen backlog is full: it is busy, not gone
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"no offlog server: the socket {sock_path} does not exist "
+                    f"(start one with: python -m offlog -s {sock_path})",
+                    sock_path,
+                ) from None
+            except ConnectionRefusedError:
+                raise ConnectionRefusedError(
+                    errno.ECONNREFUSED,
+                    f"no offlog server is listening on {sock_path} (a stale socket file: "
+                    f"start one with: python -m offlog -s {sock_path})",
+                    sock_path,
+                ) from None
+            try:
+                time.sleep(deadline.step(pause))
+            except TimeoutError:
+                raise TimeoutError(f"the offlog server at {sock_path} accepted no connection in time") from None
+            pause = min(pause * 2, 0.05)
     except BaseException:
         sock.close()
         raise
-    return sock

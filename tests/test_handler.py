@@ -60,7 +60,7 @@ def test_dictconfig_builds_the_handler_and_writes_formatted_records(server, work
 
 
 def test_records_from_many_threads_are_all_present_and_whole(transport_server, workdir):
-    """One handler shared by 8 threads: flush() returns with every record in the file,
+    """One handler shared by 8 threads: sync() returns with every record in the file,
     each on its own line, none torn or interleaved, each thread's in its order."""
     target = workdir / "threads.log"
     handler = offlog.OfflogHandler(str(target), transport_server.sock, shm=shm_option(transport_server))
@@ -81,7 +81,7 @@ def test_records_from_many_threads_are_all_present_and_whole(transport_server, w
             th.start()
         for th in threads:
             th.join()
-        handler.flush()
+        handler.sync()
         lines = target.read_text().splitlines()
     finally:
         log.removeHandler(handler)

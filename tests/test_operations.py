@@ -1,4 +1,4 @@
-"""Operating a server: status reports, bounded client queues, socket permissions, flush."""
+"""Operating a server: status reports, bounded client queues, socket permissions, sync."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def test_status_reports_clients_files_and_transports(shm_server, workdir):
     assert legacy.recv(16) == b"OK\0"
     try:
         ring.write(b"r" * 1000)
-        ring.flush()
+        ring.sync()
         sock_client.write(b"s" * 500)
-        sock_client.flush()
+        sock_client.sync()
         result = run_status(shm_server.sock, "--json")
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
@@ -155,11 +155,12 @@ def test_socket_mode_and_group(start_server):
     assert st.st_gid == os.getgid()
 
 
-def test_logger_flush_puts_every_line_in_the_file(transport_server, workdir):
+def test_logger_sync_puts_every_line_in_the_file(transport_server, workdir):
     target = workdir / "l.log"
     logger = offlog.Logger("app", str(target), stdout_level=None, offlog_socket_path=transport_server.sock)
     for i in range(100):
         logger.info("line %d", i)
-    logger.flush()
+    logger.flush()  # hands over, never waits
+    logger.sync()
     assert len(target.read_text().splitlines()) == 100
     logger.close()

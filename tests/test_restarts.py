@@ -107,7 +107,7 @@ def test_file_errors_after_a_reconnect_still_raise(start_server, procs, workdir)
     target = workdir / "becomes-a-dir.log"
     f = offlog.ProxyFile(str(target), server.sock)
     f.write(b"one\n")
-    f.flush()
+    f.sync()
     server.kill()
     target.unlink()
     target.mkdir()

@@ -67,7 +67,7 @@ def test_sigterm_writes_everything_and_tells_the_client(server, workdir):
     target = workdir / "app.log"
     f = offlog.ProxyFile(str(target), server.sock, shm=False, reconnect=False)
     f.write(b"before stop\n")
-    f.flush()
+    f.sync()
     assert server.stop() == 0
     assert not os.path.exists(server.sock), "the socket file must be removed"
     assert target.read_bytes() == b"before stop\n"
@@ -137,7 +137,7 @@ def test_rotation_is_noticed_and_the_path_reopened(server, workdir, how):
     target = workdir / "app.log"
     f = offlog.ProxyFile(str(target), server.sock)
     f.write(b"one\n")
-    f.flush()
+    f.sync()
     if how == "rename":
         target.rename(workdir / "app.log.1")
     else:
@@ -155,7 +155,7 @@ def test_sighup_reopens_every_file(server, workdir):
     files = [offlog.ProxyFile(str(workdir / f"f{i}.log"), server.sock) for i in range(3)]
     for i, f in enumerate(files):
         f.write(b"old\n")
-        f.flush()
+        f.sync()
         os.rename(workdir / f"f{i}.log", workdir / f"f{i}.log.1")
     server.signal(signal.SIGHUP)
     server.wait_log("reopening all files")
@@ -172,7 +172,7 @@ def test_sighup_reopens_every_file(server, workdir):
 # -- no head-of-line blocking ---------------------------------------------------
 def test_a_stalled_file_delays_no_other_client(transport_server, workdir):
     """One client's file is a FIFO drained at 4 KiB/s; another client's open,
-    writes and flush complete while the first is still stalled."""
+    writes and sync complete while the first is still stalled."""
     fifo = workdir / "slow.fifo"
     os.mkfifo(fifo)
     drained = []
@@ -198,7 +198,7 @@ def test_a_stalled_file_delays_no_other_client(transport_server, workdir):
         other = offlog.ProxyFile(str(workdir / "fast.log"), transport_server.sock)
         for i in range(1000):
             other.write(b"fast %d\n" % i)
-        other.flush()
+        other.sync()
         elapsed = time.monotonic() - t0
         other.close()
         assert (workdir / "fast.log").read_bytes() == b"".join(b"fast %d\n" % i for i in range(1000))

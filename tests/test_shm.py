@@ -37,7 +37,7 @@ class PackIntoProducer(Producer):
         struct.pack_into("<Q", self._raw, layout.HEAD_WORD * 8, self._head)
 
     def write(self, data) -> None:
-        self._write_contended(data)  # every write through the slow path, so through _publish
+        self._write_slow(data)  # every write through the slow path, so through _publish
 
 
 def test_the_stress_check_catches_positions_published_with_pack_into():

@@ -96,7 +96,7 @@ class ServerRing:
 class ClientRing:
     """Client side: opens the server's objects, unlinks them, produces into the ring."""
 
-    def __init__(self, capacity: int, shm_name: str, sem_name: str, on_failed, on_interrupt, admit=None) -> None:
+    def __init__(self, capacity: int, shm_name: str, sem_name: str, **producer_options) -> None:
         layout.check_capacity(capacity)
         try:
             memory = posix_ipc.SharedMemory(shm_name)
@@ -108,7 +108,7 @@ class ClientRing:
         finally:
             _unlink(posix_ipc.unlink_shared_memory, shm_name)
             _unlink(posix_ipc.unlink_semaphore, sem_name)
-        self.producer = Producer(self._map, capacity, self.sem.release, on_failed, on_interrupt, admit)
+        self.producer = Producer(self._map, capacity, self.sem.release, **producer_options)
         self._closed = False
 
     def close(self) -> None:

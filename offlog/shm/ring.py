@@ -74,8 +74,10 @@ from __future__ import annotations
 import errno
 import time
 from collections import deque
-from typing import Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, Union
 
+from .. import token
+from ..backlog import Backlog
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
 
@@ -102,25 +104,23 @@ def _words_and_data(mapping: Buffer, capacity: int):
     return words, data
 
 
-def admit_all(queued: int, n: int, make_room: Callable[[], int]) -> bool:
-    """The default queue policy: unbounded, as in offlog 0.x."""
-    return True
-
-
 class Producer:
     """The client half: ``write`` never blocks and never spins.
 
     ``doorbell`` wakes a sleeping consumer (posts the semaphore);
-    ``on_failed`` is called when the consumer has flagged an error and must
-    raise it. Writes that do not fit wait in a local backlog, in order, and
-    move into the ring on later writes, on :meth:`pump` and on close.
+    ``on_failed`` is called (token held) when the consumer has flagged an
+    error, and raises it or diverts. Writes that do not fit wait in a local
+    :class:`~offlog.backlog.Backlog`, in order, and move into the ring on
+    later writes, on :meth:`pump` and on close. ``admit(queued, n)`` is the
+    queue policy for a write that would grow the backlog: True to queue it,
+    False to drop it, :data:`WAIT` to wait for room, or it raises. A waiting
+    write gives the token back and calls ``idle(since)`` (which raises
+    TimeoutError once the wait that began at ``since`` is too long) before
+    it tries again.
 
-    Threads: the producer's state is guarded by a *token*, a one-element
-    deque. ``deque.pop`` and ``deque.append`` are single C calls that never
-    run Python code, so taking and returning the token is atomic under the
-    GIL, at a third of the cost of a ``threading.Lock`` round trip. A thread
-    that finds the token taken yields (``time.sleep(0)``) until the holder,
-    which is in the middle of a copy, gives it back.
+    Threads: the producer's state is guarded by a write token
+    (:mod:`offlog.token`), which also makes a signal handler that writes
+    while it interrupted a write queue its bytes instead of deadlocking.
     """
 
     def __init__(
@@ -130,26 +130,32 @@ class Producer:
         doorbell: Callable[[], None],
         on_failed: Callable[[int], None],
         on_interrupt: Callable[[], None] = lambda: None,
-        admit: Optional[Callable[[int, int, Callable[[], int]], bool]] = None,
+        admit: Optional[Callable[[int, int], object]] = None,
+        idle: Optional[Callable[[float], None]] = None,
     ) -> None:
         self._words, self._data = _words_and_data(mapping, capacity)
         layout.check_header(self._words, capacity, len(memoryview(mapping)))
-        # admit(queued, n, make_room) -> False to drop n bytes that would be queued.
         self._admit = admit or admit_all
+        self._idle = idle or _nap
         self._capacity = capacity
         self._mask = capacity - 1
         self._head = self._words[HEAD_WORD]
         self._tail = self._words[TAIL_WORD]
-        self._backlog: Deque[memoryview] = deque()
-        self.backlog_bytes = 0
-        self._token: Deque[bool] = deque([True])
+        self._backlog = Backlog()
+        self._token = token.new()
+        self._reentered: Deque[bytes] = deque()  # from signal handlers that interrupted a write
         self._doorbell = doorbell
         self._on_failed = on_failed
         self._on_interrupt = on_interrupt
         self._interrupted = False
         self._diverted: Optional[Callable[[Buffer], None]] = None
+        self._closed = False
         self._limit = 0
         self._update_limit()
+
+    @property
+    def backlog_bytes(self) -> int:
+        return len(self._backlog) + sum(map(len, self._reentered))
 
     def write(self, data: Buffer) -> None:
         # The hot path. Cost on x86-64, CPython 3.11, 100-byte record, consumer
@@ -158,36 +164,42 @@ class Producer:
         # ~20 ns, the call itself ~30 ns. No syscall unless the consumer
         # sleeps (then one sem_post). ``_limit`` folds three checks into one:
         # room left before the cached tail, the end of this lap of the ring,
-        # and "backlog waiting" (then it is -1).
+        # and "take the slow path" (backlog, interrupt, divert, close: -1).
         token = self._token
         try:
             token.pop()
         except IndexError:
-            return self._write_contended(data)
+            return self._write_slow(data)
         try:
             head = self._head
-            n = len(data)
-            end = head + n
-            if end > self._limit:
-                return self._write_slow(data)
-            pos = head & self._mask
-            try:
-                self._data[pos : pos + n] = data
-            except (TypeError, ValueError):  # str, or a buffer that is not bytes
-                return self._write_slow(data)
-            self._head = end
-            words = self._words
-            words[HEAD_WORD] = end  # publish: one aligned 8-byte store
-            if words[STATE_WORD]:
-                self._wake_or_fail()
+            end = head + len(data)
+            if end <= self._limit:
+                pos = head & self._mask
+                try:
+                    self._data[pos : pos + end - head] = data
+                except (TypeError, ValueError):  # str, or a buffer that is not bytes
+                    pass
+                else:
+                    self._head = end
+                    words = self._words
+                    words[HEAD_WORD] = end  # publish: one aligned 8-byte store
+                    if words[STATE_WORD]:
+                        self._wake_or_fail()
+                    return
+        except BaseException:
+            self._resync()  # interrupted between the copy and the publish
+            raise
         finally:
             token.append(True)
+        return self._write_slow(data)
 
     def pump(self) -> int:
         """Move backlog into the ring as space allows; return backlog bytes left."""
-        self._take_token()
+        if not self._take():
+            return self.backlog_bytes  # a handler that interrupted this producer: leave it be
         try:
-            if self._backlog:
+            self._take_reentered()
+            if self._backlog and self._diverted is None:
                 self._drain_backlog()
             return self.backlog_bytes
         finally:
@@ -198,25 +210,47 @@ class Producer:
         self._interrupted = True
         self._limit = -1
 
-    def divert(self, make_handler: Callable[[List[bytes]], Callable[[Buffer], None]]) -> None:
-        """Stop using the ring: see :meth:`divert_locked`."""
-        self._take_token()
+    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` holding the token (RuntimeError from a signal handler
+        that interrupted this producer: it cannot wait for itself)."""
+        if not self._take():
+            raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
         try:
-            self.divert_locked(make_handler)
+            return fn(*args)
         finally:
             self._token.append(True)
 
-    def divert_locked(self, make_handler: Callable[[List[bytes]], Callable[[Buffer], None]]) -> None:
+    def divert_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
         """Token held: hand every byte the consumer has not released (the ring's
         ``[TAIL, head)``, then the backlog) to ``make_handler``, and send every
         later write to the handler it returns."""
         if self._diverted is not None:
             return
-        chunks = [self._unreleased()] + [bytes(chunk) for chunk in self._backlog]
+        self._take_reentered()
+        unreleased = Backlog()
+        if self._words is not None:
+            unreleased.append(self._unreleased())
+        unreleased.extend(self._backlog)
         self._backlog.clear()
-        self.backlog_bytes = 0
         self._limit = -1
-        self._diverted = make_handler([c for c in chunks if c])
+        self._diverted = make_handler(unreleased)
+
+    def take_backlog_locked(self, chunk: Backlog) -> bool:
+        """Token held: queue ``chunk``'s records after everything else; False,
+        taking nothing, if this producer has diverted already."""
+        if self._diverted is not None or self._closed:
+            return False
+        self._backlog.extend(chunk)
+        self._drain_backlog()
+        return True
+
+    def close_locked(self) -> None:
+        """Token held: every later write raises ValueError."""
+        self._closed = True
+        self._limit = -1
+
+    def unreleased_bytes(self) -> int:
+        return self._head - self._tail if self._words is not None else 0
 
     def _unreleased(self) -> bytes:
         tail = self._words[TAIL_WORD]
@@ -227,76 +261,102 @@ class Producer:
         return bytes(self._data[start : start + first]) + bytes(self._data[: n - first])
 
     def wake(self) -> None:
-        if self._words[STATE_WORD] == layout.SLEEPING:
+        if self._words is not None and self._words[STATE_WORD] == layout.SLEEPING:
             self._doorbell()
 
     def detach(self) -> None:
         """Forget the mapping (after fork: this process must never write into it)."""
         self._limit = -1
         self._words = self._data = None  # type: ignore[assignment]
-        self._backlog.clear()
-        self.backlog_bytes = 0
+        self._backlog = Backlog()
+        self._reentered.clear()
+        self._token = token.new()  # another thread of the parent may have held it at the fork
 
-    # -- slow path (token held) ----------------------------------------------
-    def _take_token(self) -> None:
-        while True:
-            try:
-                self._token.pop()
-                return
-            except IndexError:
-                time.sleep(0)  # let the holder finish its write
-
-    def _write_contended(self, data: Buffer) -> None:
-        self._take_token()
-        try:
-            self._write_slow(data)
-        finally:
-            self._token.append(True)
+    # -- slow path -------------------------------------------------------------
+    def _take(self) -> bool:
+        return token.take(self._token, self, _HOLDING)
 
     def _write_slow(self, data: Buffer) -> None:
-        if self._interrupted and self._diverted is None:
-            self._interrupted = False
-            self._update_limit()
-            self._on_interrupt()
-        if self._diverted is not None:
-            return self._diverted(data)
+        """Every write the hot path does not finish; the token is not held."""
         if isinstance(data, str):
             data = data.encode("utf-8")
         view = memoryview(data).cast("B")
-        if not view.nbytes:
-            return
-        self._refresh_tail()
-        queued = self._backlog or view.nbytes > self._capacity - (self._head - self._tail)
-        if queued and not self._admit(self.backlog_bytes, view.nbytes, self._make_room):
-            return  # dropped (and counted) by the queue limit
-        # Copy: the caller may reuse its buffer once write() returns.
-        self._backlog.append(memoryview(bytes(view)))
-        self.backlog_bytes += view.nbytes
-        self._drain_backlog()
+        since = None
+        while True:
+            if not self._take():
+                self._reentered.append(bytes(view))  # the interrupted write's owner moves it on
+                self._limit = -1
+                return
+            try:
+                outcome = self._write_locked(view)
+            except BaseException:
+                self._resync()
+                raise
+            finally:
+                self._token.append(True)
+            if outcome is None:
+                return
+            if outcome is not WAIT:
+                return outcome(view)  # diverted: the reconnect path takes it
+            since = time.monotonic() if since is None else since
+            self._idle(since)  # wait for room, watching the server; TimeoutError when too long
 
-    def _make_room(self) -> int:
+    def _write_locked(self, view: memoryview):
+        """Token held: None when done, WAIT, or the handler of a diverted producer."""
+        if self._interrupted and self._diverted is None and not self._closed:
+            self._interrupted = False
+            self._update_limit()
+            self._on_interrupt()
+        self._take_reentered()
+        if self._diverted is not None:
+            return self._diverted
+        if self._closed:
+            raise ValueError("write to a closed ProxyFile")
+        n = view.nbytes
+        if not n:
+            return None
         if self._backlog:
+            self._drain_backlog()  # room first: a recovered ring admits again
+        if not self._backlog and n <= self._capacity - (self._head - self._tail):
+            self._copy_in(view)
+            self._update_limit()
+            self._wake_or_fail()
+            return None
+        verdict = self._admit(len(self._backlog), n) if self._backlog else True
+        if verdict is WAIT:
+            return WAIT
+        if verdict:
+            self._backlog.append(view)
             self._drain_backlog()
-        return self.backlog_bytes
+        return None
+
+    def _take_reentered(self) -> None:
+        """Token held: bytes queued by signal handlers go first (they came before this call)."""
+        while self._reentered:
+            chunk = self._reentered.popleft()
+            if self._diverted is not None:
+                self._diverted(chunk)
+            elif not self._closed:
+                self._backlog.append(chunk)
+        self._update_limit()
 
     def _drain_backlog(self) -> None:
         self._refresh_tail()
+        backlog = self._backlog
         published = False
-        while self._backlog:
-            chunk = self._backlog[0]
+        while backlog:
             free = self._capacity - (self._head - self._tail)
-            if chunk.nbytes > free:
-                if chunk.nbytes <= self._capacity or free == 0:
+            n = backlog.whole(free)
+            if not n:
+                if backlog.first_record() <= self._capacity or not free:
                     break  # wait for room: whole writes stay whole
-                self._backlog[0] = chunk[free:]  # larger than the ring: feed it piecewise
-                chunk = chunk[:free]
-            else:
-                self._backlog.popleft()
-            self._copy_in(chunk)
-            self.backlog_bytes -= chunk.nbytes
+                n = free  # larger than the ring: feed it piecewise
+            with backlog.view(n) as chunk:
+                self._copy_in(chunk)
+            backlog.consume(n)
             published = True
         self._update_limit()
-        if published or self._backlog:
+        if published or backlog:
             self._wake_or_fail()
 
     def _copy_in(self, chunk: memoryview) -> None:
@@ -313,6 +373,14 @@ class Producer:
         """Slow path's publish (the hot path inlines the same single 8-byte store)."""
         self._words[HEAD_WORD] = self._head
 
+    def _resync(self) -> None:
+        """After an exception with the token held: the published ``head`` is the
+        truth (a copy not yet published is simply not written)."""
+        if self._words is not None:
+            self._head = self._words[HEAD_WORD]
+            self._backlog.repair()
+            self._limit = -1  # the next write re-derives the limit
+
     def _refresh_tail(self) -> None:
         tail = self._words[TAIL_WORD]
         if not self._tail <= tail <= self._head:
@@ -320,7 +388,7 @@ class Producer:
         self._tail = tail
 
     def _update_limit(self) -> None:
-        if self._backlog or self._diverted is not None:
+        if self._backlog or self._diverted is not None or self._closed or self._reentered:
             self._limit = -1
         else:
             self._limit = min(self._tail + self._capacity, (self._head | self._mask) + 1)
@@ -333,6 +401,23 @@ class Producer:
             self._doorbell()
         elif state == layout.FAILED:
             self._on_failed(self._words[layout.ERRNO_WORD] or errno.EIO)
+
+
+#: What ``admit`` returns to make a write wait for room (the block policy).
+WAIT = object()
+
+
+def admit_all(queued: int, n: int) -> bool:
+    """The default queue policy: unbounded, as in offlog 0.x."""
+    return True
+
+
+def _nap(since: float) -> None:
+    time.sleep(0.0005)
+
+
+#: Functions that run with the producer's token held (see offlog.token).
+_HOLDING = frozenset(f.__code__ for f in (Producer.write, Producer.pump, Producer.locked, Producer._write_slow))
 
 
 class Consumer:

@@ -1,0 +1,107 @@
+"""The write token: mutual exclusion that costs two C calls and survives interrupts.
+
+Theory of operation
+-------------------
+A transport's state (ring positions, the socket's frame stream, the backlog)
+is guarded by a *token*, a one-element ``deque``. Taking it is
+``token.pop()`` and giving it back ``token.append(True)``: single C calls
+that run no Python code, so both are atomic under the GIL, and together they
+cost a third of a ``threading.Lock`` round trip. Hot paths inline them.
+
+Two things can go wrong that a lock does not guard against, and both start
+in a Python signal handler (which CPython runs in the main thread, between
+two bytecodes of whatever the main thread was doing):
+
+* **A leaked token.** ``KeyboardInterrupt`` raised right after ``pop()``
+  returned (CPython checks for pending signals when a C call returns) and
+  before the ``try`` whose ``finally`` gives the token back: the frame that
+  took the token is gone, nobody will give it back.
+* **Re-entry.** A handler that writes to the ProxyFile whose ``write()`` it
+  interrupted: the token is held by a frame *below* the handler on the same
+  thread, which cannot go on until the handler returns.
+
+Neither costs the hot path anything. A thread that finds the token taken
+calls :func:`take`, which yields to the holder and, every few tries, asks
+who holds it: it reads every thread's stack (``sys._current_frames()``) for
+frames of the token's owner in one of the functions that may hold it
+(``holding``). No such frame anywhere: the token leaked, and is put back
+(under a lock, after a second look, so it is never put back twice). Such a
+frame further out on the caller's own stack: re-entry; :func:`take` returns
+False and the caller queues its bytes (``reentered``) for the interrupted
+write's owner to pick up, or raises a clear error where it cannot (a
+``sync()`` or ``close()`` from such a handler). Otherwise another thread
+holds the token and finishes within a copy: keep yielding.
+
+Frames that *wait* (:func:`take` itself) are not holders: a thread whose
+innermost frame of the owner is ``take`` is in line, not holding.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from types import CodeType
+from typing import Any, Deque, FrozenSet
+
+#: Yields between two looks at the stacks of all threads.
+YIELDS_PER_LOOK = 64
+
+_restore_lock = threading.Lock()
+
+
+def new() -> Deque[bool]:
+    return deque([True])
+
+
+def take(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> bool:
+    """Take ``token`` (owned by ``owner``); False if the caller's own thread holds
+    it further out on its stack (a signal handler re-entering its owner)."""
+    tries = 0
+    while True:
+        try:
+            token.pop()
+            return True
+        except IndexError:
+            pass
+        tries += 1
+        if tries % YIELDS_PER_LOOK == 0:
+            mine, others = _holders(owner, holding)
+            if mine:
+                return False
+            if not others:
+                _restore(token, owner, holding)
+        time.sleep(0)  # let the holder finish its copy
+
+
+def _holders(owner: Any, holding: FrozenSet[CodeType]):
+    """(held further out on this thread's stack, held by another thread)."""
+    me = threading.get_ident()
+    mine = others = False
+    for ident, frame in sys._current_frames().items():
+        f = frame
+        if ident == me:  # skip this thread's own call: up to take(), then the owner's frames that called it
+            while f is not None and f.f_code is not take.__code__:
+                f = f.f_back
+            f = f.f_back if f is not None else None
+            while f is not None and f.f_locals.get("self") is owner:
+                f = f.f_back
+        while f is not None:
+            if f.f_code is take.__code__ and f.f_locals.get("owner") is owner and ident != me:
+                break  # another thread waiting in line
+            if f.f_code in holding and f.f_locals.get("self") is owner:
+                if ident == me:
+                    mine = True
+                else:
+                    others = True
+                break
+            f = f.f_back
+    return mine, others
+
+
+def _restore(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> None:
+    """Put back a token whose holder vanished (a second look, under a lock)."""
+    with _restore_lock:
+        if not token and _holders(owner, holding) == (False, False):
+            token.append(True)
