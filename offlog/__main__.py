@@ -1,4 +1,5 @@
-"""``python -m offlog``: run the server; ``python -m offlog status``: ask one."""
+"""``python -m offlog``: run the server; ``python -m offlog status``: ask one;
+``python -m offlog reopen``: have one reopen every file (logrotate's postrotate)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import List, NoReturn, Optional
 
 from . import __version__
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, server_status
+from .control import REOPEN_TIMEOUT, request_reopen
 from .logger import DEBUG, INFO, WARNING, Logger
 from .shm import layout
 
@@ -75,7 +77,8 @@ def server_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m offlog",
         description="offlog file-append service",
-        epilog="'python -m offlog status [-s SOCKET_FILE] [--json] [--timeout MS]' reports on a running server.",
+        epilog="'python -m offlog status [-s SOCKET_FILE] [--json] [--timeout MS]' reports on a running server;"
+        " 'python -m offlog reopen [-s SOCKET_FILE] [--timeout MS]' has it reopen every file.",
     )
     p.add_argument(
         "-n", "--notify", action="store_true", help="Notify systemd when the server has started up and is listening."
@@ -161,6 +164,9 @@ def render_status(status: dict) -> str:
     for f in status["files"]:
         files.append([f["path"], str(f["clients"]), _bytes(f["bytes_written"]), str(f["errors"])])
     lines += [_table(clients), "", _table(files)]
+    unreopened = [f for f in status["files"] if f.get("reopen_error")]
+    if unreopened:
+        lines += ["", "could not reopen (see the log):"] + [f"  {f['path']}: {f['reopen_error']}" for f in unreopened]
     if status["recent_errors"]:
         lines += ["", "recent errors:"] + [f"  {e}" for e in status["recent_errors"]]
     return "\n".join(lines)
@@ -181,6 +187,31 @@ def status_main(argv: List[str]) -> int:
     return 0
 
 
+def reopen_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m offlog reopen",
+        description="Have a running offlog server reopen every file; return when it has (for logrotate's postrotate).",
+    )
+    p.add_argument("-s", "--socket-file", default=DEFAULT_SOCK_PATH, help="The server's socket.")
+    p.add_argument(
+        "--timeout", type=int, default=REOPEN_TIMEOUT, metavar="MS", help="Milliseconds to wait for the server."
+    )
+    return p
+
+
+def reopen_main(argv: List[str]) -> int:
+    """Exit 0 once every file is reopened; 1 with the reasons on stderr otherwise."""
+    args = reopen_parser().parse_args(argv)
+    try:
+        result = request_reopen(args.socket_file, args.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"offlog reopen: no answer from {args.socket_file}: {exc}", file=sys.stderr)
+        return 1
+    for failure in result["failed"]:
+        print(f"offlog reopen: could not reopen {failure['path']}: {failure['error']}", file=sys.stderr)
+    return 1 if result["failed"] else 0
+
+
 def _unwritable(path: str, exc: OSError) -> str:
     """Why the server's log file cannot be opened, in the words an operator acts on."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -195,6 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["reopen"]:
+        return reopen_main(argv[1:])
     parser = server_parser()
     args = parser.parse_args(argv)
     from .server import main_server

@@ -7,55 +7,148 @@ client that asked for that path (a reference count closes it with the last
 one). Appends go through :meth:`OpenFile.append`: the file is opened with
 ``O_APPEND`` and each call is one ``writev`` under the file's lock, so one
 client's batch never interleaves with another client's bytes, and a partial
-write (a pipe, a FIFO) is finished before anyone else may write.
+write (a pipe, a FIFO) is finished before anyone else may write. An append
+that fails part way (``ENOSPC``, ``EFBIG``, ``EIO`` after a short write) is
+cut off again: the file is truncated back to where the append began, under
+the same lock, so a regular file never holds part of a batch. Every error an
+append raises names the path.
 
 The lock is per file, never global: a file whose writes block (a FIFO nobody
 reads, a hung NFS mount) blocks only the threads writing to that file. The
 table's own lock is held only to look up or insert an entry, never across an
 ``open()`` or a write, so opening a stalled path delays no one else either.
 
-Rotation: :meth:`FileTable.check_rotation` (run every ``ROTATE_CHECK``
-seconds by the server, and with ``force=True`` on SIGHUP) compares the path's
-current inode with the open descriptor's and reopens the path when the file
-was renamed or deleted. It only takes a file's lock if it is free; a file
-that is busy writing gets ``reopen_pending`` and the writer reopens it after
-its current write. Nothing is lost: bytes written before the reopen are in
-the renamed file, bytes after it in the new one.
+The path a client opens is the path it gets. A client opening a path that is
+already held makes the server compare the path's device and inode with the
+held descriptor's; if they differ (the file was renamed or deleted since),
+the entry is reopened before the new client writes, and its other clients
+move with it, as after a rotation.
+
+Rotation: the :class:`RotationWatcher` thread keeps every open path pointing
+at the file now at that path. On Linux it watches the directory of every
+open file with inotify, so it learns of a rename, a deletion or a new file
+within milliseconds; a full check every ``SAFETY_NET_CHECK`` seconds catches
+what inotify cannot see (a directory higher up renamed or repointed, NFS).
+Without inotify, or for a directory it could not watch, the full check runs
+every ``ROTATE_CHECK`` seconds. A file that appears at the path (logrotate's
+``create``) is followed at once. A path left without a file is given
+``CREATE_GRACE`` seconds for its creator before the server creates the file
+itself, so logrotate's ``create`` never finds the server's file in its way
+and ``rm -r`` of the directory is not raced; meanwhile appends go on into the
+old file. A reopen takes a file's lock only if it is free; a file that is
+busy writing gets ``reopen_pending`` and its writer reopens it after its
+current write. Nothing is lost: bytes written before the reopen are in the
+renamed file, bytes after it in the new one.
+
+When a reopen fails, two cases:
+
+* the path's directory is gone (``ENOENT``, ``ENOTDIR``): the file's clients
+  get that error (``FileNotFoundError`` naming the path) on their next
+  append, instead of writing on into a deleted file; nothing more is written
+  to it.
+* anything else (the new file's owner or mode shut the server out, the path
+  is now a directory): the server keeps appending to the old file, logs the
+  failure once per rotation, shows it in ``status`` (``reopen_error``), and
+  tries again at every later check.
+
+:meth:`FileTable.reopen_all` is the one routine behind SIGHUP and
+``offlog reopen``: it reopens every file, waiting for busy ones, and returns
+what failed.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import stat
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Union
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+
+from .inotify import (
+    IN_ATTRIB,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+    open_inotify,
+)
 
 Buffer = Union[bytes, bytearray, memoryview]
 
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-#: Seconds between rotation checks.
+#: Seconds between full rotation checks without inotify (or for a directory it cannot watch).
 ROTATE_CHECK = 0.5
+#: Seconds between full rotation checks when inotify watches every open file's directory.
+SAFETY_NET_CHECK = 2.0
+#: Seconds the rotation watcher leaves a path with no file to whoever renamed or
+#: deleted it (logrotate's ``create`` makes the new file right after its rename).
+CREATE_GRACE = 0.5
+#: Seconds :meth:`FileTable.reopen_all` waits for a file that is busy writing.
+REOPEN_WAIT = 5.0
 #: Most iovecs one writev takes (IOV_MAX on Linux is 1024).
 IOV_MAX = 1024
+#: What the rotation watcher asks inotify about an open file's directory.
+DIRECTORY_EVENTS = (
+    IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+)
+
+Identity = Tuple[int, int]  # (st_dev, st_ino)
 
 
-def _identity(st: os.stat_result) -> tuple:
+def _identity(st: os.stat_result) -> Identity:
     return (st.st_dev, st.st_ino)
+
+
+def _at_path(path: str) -> Optional[Identity]:
+    """The identity of the file now at ``path``, None if there is none."""
+    try:
+        return _identity(os.stat(path))
+    except OSError:  # ENOENT, ENOTDIR, EACCES on a directory...: nothing we can open there
+        return None
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc`` with ``path`` as its filename, so the text a client gets says which file failed."""
+    if exc.filename is not None or not exc.errno:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, path)
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 class OpenFile:
     """One path, one descriptor, one lock. Writers call :meth:`append`."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, info: Callable[[str], None], warn: Callable[[str], None]) -> None:
         self.path = path
         self.fd = -1
         self.clients = 0
         self.lock = threading.Lock()
-        self.reopen_pending = False
+        #: Why a rotation check found the file busy; its writer reopens it after the current write.
+        self.reopen_pending: Optional[str] = None
         self.bytes_written = 0
         self.errors = 0
+        #: Why the last reopen failed (``"<ExceptionClass>: <message>"``), None once one succeeds.
+        self.reopen_error: Optional[str] = None
+        #: Set when the path's directory is gone: every append raises this error.
+        self.gone: Optional[OSError] = None
+        #: (since when, why) the path has no file, while the rotation watcher leaves it to its creator.
+        self.missing: Optional[Tuple[float, str]] = None
+        self._info = info
+        self._warn = warn
         self._opened = threading.Event()
         self._open_error: Optional[BaseException] = None
-        self._identity: tuple = ()
+        self._identity: Identity = (0, 0)
+        self._logged: Optional[Tuple[Optional[Identity], str]] = None  # the reopen failure last logged
 
     def open(self) -> None:
         """Open the path (may block, e.g. on a FIFO with no reader)."""
@@ -76,45 +169,82 @@ class OpenFile:
             raise self._open_error
 
     def append(self, parts: Sequence[Buffer], fsync: bool = False) -> int:
-        """Write ``parts`` back to back as one append; return bytes written."""
+        """Write ``parts`` back to back as one append, all or nothing; return bytes written."""
         with self.lock:
             try:
-                total = _writev_all(self.fd, parts)
+                if self.gone is not None:
+                    raise OSError(self.gone.errno, self.gone.strerror, self.path)
+                total = _append_whole(self.fd, parts)
                 if fsync:
                     os.fsync(self.fd)
-            except OSError:
+            except OSError as exc:
                 self.errors += 1
-                raise
+                raise _naming(exc, self.path) from None
             self.bytes_written += total
-            if self.reopen_pending:
-                self._reopen_after_write()
+            if self.reopen_pending is not None:
+                self.follow_path(self.reopen_pending, patient=True)
             return total
-
-    def _reopen_after_write(self) -> None:
-        """A rotation noticed while this file was busy: the bytes are written,
-        so a failed reopen only means we keep appending to the old file."""
-        try:
-            self.reopen()
-        except OSError:
-            self.reopen_pending = False
 
     def sync(self) -> None:
         with self.lock:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise _naming(exc, self.path) from None
 
     def rotated(self) -> bool:
-        try:
-            return _identity(os.stat(self.path)) != self._identity
-        except FileNotFoundError:
-            return True
+        """True if the file at the path is not the one the descriptor writes."""
+        return _at_path(self.path) != self._identity
 
-    def reopen(self) -> None:
-        """Lock held: point the descriptor at the path again."""
-        self.reopen_pending = False
-        fd = os.open(self.path, OPEN_FLAGS, 0o666)
+    def follow_path(self, why: str, force: bool = False, patient: bool = False) -> Optional[OSError]:
+        """Lock held: point the descriptor at the file now at the path, if that
+        changed (always, with ``force``). Returns the error if the reopen failed.
+
+        ``patient``: if the path has no file, create it only after
+        ``CREATE_GRACE`` seconds (see :meth:`_leave_to_creator`)."""
+        self.reopen_pending = None
+        at_path = _at_path(self.path)
+        if self.fd < 0 or (at_path == self._identity and not force):
+            self.missing = None
+            return None
+        if at_path is None and patient:
+            if self._leave_to_creator(why):
+                return None
+            why = f"{self.missing[1]}; created after {CREATE_GRACE:g} s"
+        self.missing = None
+        try:
+            fd = os.open(self.path, OPEN_FLAGS, 0o666)
+        except OSError as exc:
+            self._reopen_failed(_naming(exc, self.path), at_path, force)
+            return exc
         old, self.fd = self.fd, fd
         self._identity = _identity(os.fstat(fd))
         os.close(old)
+        self.reopen_error = self.gone = self._logged = None
+        self._info(f"Reopened {self.path} ({why})")
+        return None
+
+    def _leave_to_creator(self, why: str) -> bool:
+        """The path has no file: True while whoever renamed or deleted it may
+        still create the new one. Creating it at once would race logrotate's
+        ``create`` (which then finds a file in its way) and ``rm -r`` (whose
+        rmdir then finds the directory not empty)."""
+        now = time.monotonic()
+        if self.missing is None:
+            self.missing = (now, why)
+        return now - self.missing[0] < CREATE_GRACE and os.path.isdir(os.path.dirname(self.path))
+
+    def _reopen_failed(self, exc: OSError, at_path: Optional[Identity], force: bool) -> None:
+        """Record a failed reopen; log it once per rotation (and at every explicit request)."""
+        text = self.reopen_error = _text(exc)
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+            self.gone = exc
+            line = f"The directory of {self.path} is gone; its clients' writes fail: {text}"
+        else:
+            line = f"Could not reopen {self.path}, still writing the old file: {text}"
+        if force or self._logged != (at_path, text):
+            self._logged = (at_path, text)
+            self._warn(line)
 
     def close(self) -> None:
         with self.lock:
@@ -123,35 +253,54 @@ class OpenFile:
                 self.fd = -1
 
 
-def _writev_all(fd: int, parts: Sequence[Buffer]) -> int:
+def _append_whole(fd: int, parts: Sequence[Buffer]) -> int:
     """Append ``parts`` back to back: one ``writev`` per IOV_MAX parts.
 
     ``parts`` are bytes or one-dimensional byte views (``len`` is their size),
     so the common case does no per-part work in Python. A partial write (a
-    pipe, a FIFO, a full disk) is finished, in order, before anything else.
+    pipe, a FIFO, a disk filling up) is finished, in order, before anything
+    else; if finishing fails, the bytes of ``parts`` already in a regular
+    file are truncated away before the error is raised.
     """
-    total = 0
-    for start in range(0, len(parts), IOV_MAX):
-        chunk = parts[start : start + IOV_MAX]
-        want = sum(map(len, chunk))
-        written = os.writev(fd, chunk)
-        if written < want:
-            _finish_writev(fd, chunk, written)
-        total += want
+    total = 0  # bytes of ``parts`` in the file so far
+    try:
+        for start in range(0, len(parts), IOV_MAX):
+            chunk = parts[start : start + IOV_MAX]
+            want = sum(map(len, chunk))
+            written = os.writev(fd, chunk)
+            total += written
+            while written < want:
+                more = os.writev(fd, _after(chunk, written))
+                written += more
+                total += more
+    except OSError:
+        if total:
+            _cut_off(fd, total)
+        raise
     return total
 
 
-def _finish_writev(fd: int, chunk: Sequence[Buffer], written: int) -> None:
-    """Write what a short ``writev`` of ``chunk`` left after its first ``written`` bytes."""
-    views: List[memoryview] = [memoryview(p).cast("B") for p in chunk]
-    i = 0
-    while i < len(views):
-        if written >= views[i].nbytes:
-            written -= views[i].nbytes
-            i += 1
+def _after(chunk: Sequence[Buffer], skip: int) -> List[memoryview]:
+    """The views of ``chunk`` after its first ``skip`` bytes."""
+    views: List[memoryview] = []
+    for part in chunk:
+        view = memoryview(part).cast("B")
+        if skip >= view.nbytes:
+            skip -= view.nbytes
             continue
-        views[i] = views[i][written:]
-        written = os.writev(fd, views[i : i + IOV_MAX])
+        views.append(view[skip:])
+        skip = 0
+    return views
+
+
+def _cut_off(fd: int, count: int) -> None:
+    """Lock held: remove the last ``count`` bytes of a regular file (a failed append's)."""
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            os.ftruncate(fd, max(0, st.st_size - count))
+    except OSError:
+        pass  # nothing better to do: the append's own error is what the client hears
 
 
 class FileTable:
@@ -162,20 +311,31 @@ class FileTable:
         self._lock = threading.Lock()
         self._info = info
         self._warn = warn
+        self.watcher = RotationWatcher(self)
 
     def acquire(self, path: str) -> OpenFile:
-        """Return the open file for ``path``, opening it if needed (may block)."""
+        """Return the open file for ``path``, opening it if needed (may block).
+
+        A path already held is checked first: if another file is at the path
+        now, the entry is reopened, so this client writes to the file it named."""
         with self._lock:
             entry = self._files.get(path)
             first = entry is None
             if first:
-                entry = self._files[path] = OpenFile(path)
+                entry = self._files[path] = OpenFile(path, self._info, self._warn)
             entry.clients += 1
+        if first:
+            self.watcher.watch(path)
         try:
             if first:
                 entry.open()
             else:
                 entry.wait_open()
+                if entry.rotated():
+                    with entry.lock:
+                        error = entry.follow_path("opened again after a rename or delete")
+                    if error is not None:
+                        raise error
         except BaseException:
             self.release(entry)
             raise
@@ -190,25 +350,204 @@ class FileTable:
                 del self._files[entry.path]
         if last:
             entry.close()
+            self.watcher.unwatch(entry.path)
         return last
 
     def snapshot(self) -> List[OpenFile]:
         with self._lock:
             return list(self._files.values())
 
-    def check_rotation(self, force: bool = False) -> None:
-        """Reopen every file that was renamed or deleted (all of them if ``force``)."""
-        for entry in self.snapshot():
-            if entry.fd < 0 or not (force or entry.rotated()):
+    def check_rotation(
+        self, entries: Optional[Iterable[OpenFile]] = None, why: str = "renamed or deleted"
+    ) -> Optional[float]:
+        """Reopen each of ``entries`` (default: all) whose path now names another file.
+
+        Returns when (``time.monotonic()``) to check again for paths that were
+        left without a file for their creator, or busy; None if there are none."""
+        again: Optional[float] = None
+        for entry in self.snapshot() if entries is None else entries:
+            if entry.fd < 0:
                 continue
-            if not entry.lock.acquire(blocking=False):
-                entry.reopen_pending = True  # its writer reopens after this write
+            if not entry.rotated():
+                entry.missing = None  # renamed back, say
+                continue
+            if entry.lock.acquire(blocking=False):
+                try:
+                    entry.follow_path(entry.reopen_pending or why, patient=True)
+                finally:
+                    entry.lock.release()
+                if entry.missing is None:
+                    continue
+                due = entry.missing[0] + CREATE_GRACE
+            else:
+                entry.reopen_pending = why  # its writer reopens after this write
+                due = time.monotonic() + CREATE_GRACE
+            again = due if again is None else min(again, due)
+        return again
+
+    def reopen_all(self, why: str) -> List[Tuple[str, Optional[str]]]:
+        """Reopen every file (SIGHUP, ``offlog reopen``), waiting for busy ones.
+
+        Returns (path, None) for each file reopened, (path, why not) for each
+        that was not."""
+        results: List[Tuple[str, Optional[str]]] = []
+        for entry in self.snapshot():
+            if not entry.lock.acquire(timeout=REOPEN_WAIT):
+                entry.reopen_pending = why
+                results.append((entry.path, f"busy writing for {REOPEN_WAIT:g} s; reopened after its current write"))
                 continue
             try:
-                if entry.fd >= 0:
-                    entry.reopen()
-                    self._info(f"Reopened {entry.path}" + (" (SIGHUP)" if force else " (rotated)"))
-            except OSError as exc:
-                self._warn(f"Could not reopen {entry.path}, still writing the old file: {exc}")
+                error = entry.follow_path(why, force=True)
             finally:
                 entry.lock.release()
+            results.append((entry.path, None if error is None else _text(_naming(error, entry.path))))
+        return results
+
+
+class RotationWatcher:
+    """The thread that notices renamed, deleted and replaced files.
+
+    inotify on the directory of every open file; a full check of every file
+    every ``SAFETY_NET_CHECK`` seconds, or every ``ROTATE_CHECK`` seconds
+    while inotify is missing or some directory is not watched.
+    """
+
+    def __init__(self, table: FileTable) -> None:
+        self._table = table
+        self._inotify: Optional[Inotify]
+        self._inotify, self.unavailable = open_inotify()
+        self._lock = threading.Lock()
+        self._dirs: Dict[str, int] = {}  # directory -> open files in it
+        self._wds: Dict[str, int] = {}  # directory -> its watch (missing: not watched)
+        self._by_wd: Dict[int, Set[str]] = {}  # watch -> directories (two spellings may share one)
+        self._wake_r, self._wake_w = os.pipe()
+        self._reopen_requested = False
+
+    def describe(self) -> str:
+        if self._inotify is None:
+            return f"polling every {ROTATE_CHECK:g} s ({self.unavailable})"
+        return f"inotify on each file's directory, full check every {SAFETY_NET_CHECK:g} s"
+
+    # -- what to watch (called by FileTable) ---------------------------------
+    def watch(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        with self._lock:
+            self._dirs[directory] = self._dirs.get(directory, 0) + 1
+            if self._dirs[directory] == 1:
+                self._add_watch(directory)
+
+    def unwatch(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        with self._lock:
+            self._dirs[directory] -= 1
+            if self._dirs[directory]:
+                return
+            del self._dirs[directory]
+            wd = self._wds.pop(directory, None)
+            if wd is None:
+                return
+            sharing = self._by_wd[wd]
+            sharing.discard(directory)
+            if not sharing:
+                del self._by_wd[wd]
+                self._inotify.rm_watch(wd)
+
+    def _add_watch(self, directory: str) -> None:
+        """Lock held. A directory that cannot be watched is left to the full check."""
+        if self._inotify is None:
+            return
+        try:
+            wd = self._inotify.add_watch(directory, DIRECTORY_EVENTS)
+        except OSError:
+            return  # gone, or the max_user_watches limit: polled every ROTATE_CHECK
+        self._wds[directory] = wd
+        self._by_wd.setdefault(wd, set()).add(directory)
+
+    # -- the thread ------------------------------------------------------------
+    def request_reopen(self) -> None:
+        """Signal-safe: have the thread run the reopen-all routine (SIGHUP)."""
+        self._reopen_requested = True
+        os.write(self._wake_w, b"r")
+
+    def run(self, stopping: Callable[[], bool], reopen_all: Callable[[], None]) -> None:
+        """Until ``stopping()``: follow inotify events, run the full check, and
+        call ``reopen_all`` for each :meth:`request_reopen`."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if self._inotify is not None:
+            poller.register(self._inotify.fd, select.POLLIN)
+        next_check = time.monotonic() + self._period()
+        again: Optional[float] = None  # an earlier full check, for paths left to their creator
+        while not stopping():
+            wake = next_check if again is None else min(next_check, again)
+            ready = {fd for fd, _ in poller.poll(max(0.0, wake - time.monotonic()) * 1000.0)}
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+                if self._reopen_requested:
+                    self._reopen_requested = False
+                    reopen_all()
+            if self._inotify is not None and self._inotify.fd in ready:
+                again = _earliest(again, self._follow_events())
+            now = time.monotonic()
+            if now >= wake:
+                again = self._full_check()
+                if now >= next_check:
+                    next_check = now + self._period()
+
+    def _period(self) -> float:
+        with self._lock:
+            everything_watched = self._inotify is not None and len(self._wds) == len(self._dirs)
+        return SAFETY_NET_CHECK if everything_watched else ROTATE_CHECK
+
+    def _follow_events(self) -> Optional[float]:
+        """Check the files inotify says may have changed (returns as check_rotation)."""
+        if self._inotify is None:
+            return None
+        events = self._inotify.read()
+        if not events:
+            return None
+        names: Set[Tuple[str, bytes]] = set()  # (directory, name); name b"" means every file in it
+        lost: Set[str] = set()  # directories whose watch no longer follows the path
+        with self._lock:
+            for event in events:
+                if event.mask & IN_Q_OVERFLOW:
+                    names.update((d, b"") for d in self._dirs)
+                    continue
+                for directory in self._by_wd.get(event.wd, ()):
+                    names.add((directory, event.name))
+                    if event.mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+                        lost.add(directory)
+            for directory in lost:
+                self._forget_watch(directory)
+                self._add_watch(directory)  # a new directory at the path, if there is one already
+        entries = [
+            entry
+            for entry in self._table.snapshot()
+            if (os.path.dirname(entry.path), b"") in names
+            or (os.path.dirname(entry.path), os.fsencode(os.path.basename(entry.path))) in names
+        ]
+        return self._table.check_rotation(entries, "renamed or deleted, seen by inotify")
+
+    def _forget_watch(self, directory: str) -> None:
+        """Lock held: the directory was renamed or removed; its watch follows the old inode."""
+        wd = self._wds.pop(directory, None)
+        if wd is None:
+            return
+        sharing = self._by_wd.get(wd, set())
+        sharing.discard(directory)
+        if not sharing:
+            self._by_wd.pop(wd, None)
+            self._inotify.rm_watch(wd)
+
+    def _full_check(self) -> Optional[float]:
+        """Every file, whatever inotify said (events queued so far are followed first)."""
+        again = self._follow_events()
+        with self._lock:
+            for directory in self._dirs:
+                if directory not in self._wds:
+                    self._add_watch(directory)
+        return _earliest(again, self._table.check_rotation(why="renamed or deleted, seen by the periodic check"))
+
+
+def _earliest(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return b if a is None else a if b is None else min(a, b)

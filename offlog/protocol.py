@@ -43,8 +43,9 @@ Rules
 from __future__ import annotations
 
 import builtins
+import json
 import struct
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 # ---------------------------------------------------------------------------
 # Legacy dialect
@@ -78,6 +79,7 @@ SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring and doorbell
 SHM_DECLINE = ord("N")  # utf-8 reason: the client could not use the offer
 DROPPED = ord("X")  # u64: bytes this client has dropped so far (its local queue was full)
 STATUS = ord("Q")  # empty, instead of OPEN: ask for the server's status
+REOPEN = ord("R")  # empty, instead of OPEN: reopen every file, answer REOPENED when done
 
 # Server -> client frame types.
 OPENED = ord("K")  # u16 version, u16 flags, utf-8 note (why no ring)
@@ -87,9 +89,10 @@ ERROR = ord("E")  # u32 errno (0: none), utf-8 "<ExceptionClass>: <message>"
 BYE = ord("B")  # empty: every byte of the client's is written; closing
 STATUS_REPLY = ord("J")  # utf-8 JSON document (see docs/protocol.md), then close
 WRITTEN = ord("W")  # u64: DATA payload bytes of this connection written so far (socket transport)
+REOPENED = ord("r")  # utf-8 JSON {"reopened": [path], "failed": [{"path", "error"}]}, then close
 
-CLIENT_FRAMES = frozenset({OPEN, DATA, FLUSH, SHM_ACCEPT, SHM_DECLINE, DROPPED, STATUS})
-SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY, WRITTEN})
+CLIENT_FRAMES = frozenset({OPEN, DATA, FLUSH, SHM_ACCEPT, SHM_DECLINE, DROPPED, STATUS, REOPEN})
+SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY, WRITTEN, REOPENED})
 
 # OPEN flags.
 WANT_SHM = 1 << 0  # the client would like a shared-memory ring
@@ -223,6 +226,30 @@ def decode_u64(payload: bytes) -> int:
     if len(payload) != _U64.size:
         raise ProtocolError("expected an 8-byte payload")
     return _U64.unpack(payload)[0]
+
+
+def encode_reopened(results: Sequence[Tuple[str, Optional[str]]]) -> bytes:
+    """REOPENED from (path, None if reopened else why not), one per open file."""
+    document = {
+        "reopened": [path for path, error in results if error is None],
+        "failed": [{"path": path, "error": error} for path, error in results if error is not None],
+    }
+    return frame(REOPENED, json.dumps(document).encode("utf-8"))
+
+
+def decode_reopened(payload: bytes) -> dict:
+    """``{"reopened": [path, ...], "failed": [{"path": ..., "error": ...}, ...]}``."""
+    try:
+        document = json.loads(bytes(payload).decode("utf-8"))
+    except ValueError as exc:
+        raise ProtocolError(f"REOPENED is not UTF-8 JSON: {exc}") from None
+    if not (
+        isinstance(document, dict)
+        and isinstance(document.get("reopened"), list)
+        and isinstance(document.get("failed"), list)
+    ):
+        raise ProtocolError("REOPENED needs the lists 'reopened' and 'failed'")
+    return document
 
 
 # ---------------------------------------------------------------------------

@@ -22,8 +22,12 @@ doorbell when its socket has something to say (a FLUSH, an EOF, a kill).
 Stopping (SIGINT/SIGTERM): stop accepting, remove the socket file, shut the
 read side of every client socket (data already received stays readable),
 wake every ring session; each session writes everything it has, tells its
-client ``OSError: offlog server exited`` and closes. SIGHUP reopens every
-file.
+client ``OSError: offlog server exited`` and closes.
+
+Rotation: the :class:`~offlog.files.RotationWatcher` thread follows renamed
+and deleted files. SIGHUP (handled on that thread) and a REOPEN request
+(``offlog reopen``, handled on the requesting session's thread, which answers
+once every file is reopened) both run :meth:`Server.reopen_all`.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as P
-from .files import ROTATE_CHECK, FileTable, OpenFile
+from .files import FileTable, OpenFile
 from .logger import Logger
 from .shm import ServerRing, layout, sweep_stale, unsupported_reason
 from .shm.ring import IDLE_WAIT, NAP, NAPS_BEFORE_SLEEP, SETTLE, RingCorrupt
@@ -93,7 +97,6 @@ class Server:
         self._sessions: Dict[int, Session] = {}
         self._sessions_lock = threading.Lock()
         self._next_id = 0
-        self._reopen = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._listener: Optional[socket.socket] = None
         self.doorbells: Optional[Watcher] = None
@@ -145,7 +148,12 @@ class Server:
 
     def serve_forever(self) -> None:
         assert self._listener is not None
-        threading.Thread(target=self._rotation_loop, name="rotation", daemon=True).start()
+        threading.Thread(
+            target=self.files.watcher.run,
+            args=(lambda: self.stopping, lambda: self.reopen_all("SIGHUP")),
+            name="rotation watcher",
+            daemon=True,
+        ).start()
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
@@ -164,8 +172,17 @@ class Server:
         os.write(self._wake_w, b"s")
 
     def request_reopen(self) -> None:
-        """Signal-safe: reopen every file (SIGHUP)."""
-        self._reopen.set()
+        """Signal-safe: reopen every file (SIGHUP), on the rotation watcher's thread."""
+        self.files.watcher.request_reopen()
+
+    def reopen_all(self, why: str) -> List[Tuple[str, Optional[str]]]:
+        """Reopen every file: the one routine behind SIGHUP and ``offlog reopen``.
+        Returns (path, None) per file reopened, (path, why not) per file that was not."""
+        self.info(f"Received {why}, reopening all files")
+        results = self.files.reopen_all(why)
+        failed = sum(1 for _, error in results if error is not None)
+        self.info(f"Reopened {len(results) - failed} of {len(results)} files, {failed} failed")
+        return results
 
     def _accept_all(self) -> None:
         while True:
@@ -200,7 +217,13 @@ class Server:
             },
             "clients": [s.status() for s in sessions if s.file is not None],
             "files": [
-                {"path": f.path, "clients": f.clients, "bytes_written": f.bytes_written, "errors": f.errors}
+                {
+                    "path": f.path,
+                    "clients": f.clients,
+                    "bytes_written": f.bytes_written,
+                    "errors": f.errors,
+                    "reopen_error": f.reopen_error,
+                }
                 for f in self.files.snapshot()
             ],
             "errors": self.errors,
@@ -211,14 +234,6 @@ class Server:
     def session_done(self, session: "Session") -> None:
         with self._sessions_lock:
             self._sessions.pop(session.id, None)
-
-    def _rotation_loop(self) -> None:
-        while not self.stopping:
-            force = self._reopen.wait(ROTATE_CHECK)
-            self._reopen.clear()
-            if force:
-                self.info("Received SIGHUP, reopening all files")
-            self.files.check_rotation(force=force)
 
     def _shutdown(self) -> None:
         self.info("Received signal, shutting down")
@@ -403,6 +418,11 @@ class Session:
         if first.type == P.STATUS:
             self.sock.sendall(P.frame(P.STATUS_REPLY, json.dumps(self.server.status()).encode()))
             raise ClientGone()  # a status query ends here
+        if first.type == P.REOPEN:
+            self.sock.settimeout(None)  # a reopen may wait for busy files; the reply must not time out
+            results = self.server.reopen_all(f"a reopen request from client {self.id}")
+            self.sock.sendall(P.encode_reopened(results))
+            raise ClientGone()  # so does a reopen request
         if first.type != P.OPEN:
             raise P.ProtocolError("the first frame must be OPEN")
         try:
@@ -740,6 +760,7 @@ def main_server(args, log: Logger) -> int:
         return 1
     install_signal_handlers(server)
     log.info(f"Listening on socket {args.socket_file}")
+    log.info(f"Rotation watcher: {server.files.watcher.describe()}")
     if args.shm:
         if server.shm_unavailable:
             log.warning(f"Shared memory disabled: {server.shm_unavailable}")
