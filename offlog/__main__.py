@@ -204,7 +204,7 @@ def reopen_main(argv: List[str]) -> int:
     args = reopen_parser().parse_args(argv)
     try:
         result = request_reopen(args.socket_file, args.timeout)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         print(f"offlog reopen: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1
     for failure in result["failed"]:

@@ -208,9 +208,10 @@ class OpenFile:
             self.missing = None
             return None
         if at_path is None and patient:
-            if self._leave_to_creator(why):
+            noticed = self._leave_to_creator(why)
+            if noticed is None:
                 return None
-            why = f"{self.missing[1]}; created after {CREATE_GRACE:g} s"
+            why = f"{noticed}; created after {CREATE_GRACE:g} s"
         self.missing = None
         try:
             fd = os.open(self.path, OPEN_FLAGS, 0o666)
@@ -219,20 +220,25 @@ class OpenFile:
             return exc
         old, self.fd = self.fd, fd
         self._identity = _identity(os.fstat(fd))
-        os.close(old)
+        try:
+            os.close(old)
+        except OSError:
+            pass  # (EIO from NFS, say) the bytes were written; nothing to tell a writer
         self.reopen_error = self.gone = self._logged = None
         self._info(f"Reopened {self.path} ({why})")
         return None
 
-    def _leave_to_creator(self, why: str) -> bool:
-        """The path has no file: True while whoever renamed or deleted it may
-        still create the new one. Creating it at once would race logrotate's
-        ``create`` (which then finds a file in its way) and ``rm -r`` (whose
-        rmdir then finds the directory not empty)."""
+    def _leave_to_creator(self, why: str) -> Optional[str]:
+        """The path has no file: None while whoever renamed or deleted it may
+        still create the new one, then why it went missing. Creating it at
+        once would race logrotate's ``create`` (which then finds a file in its
+        way) and ``rm -r`` (whose rmdir then finds the directory not empty)."""
         now = time.monotonic()
-        if self.missing is None:
-            self.missing = (now, why)
-        return now - self.missing[0] < CREATE_GRACE and os.path.isdir(os.path.dirname(self.path))
+        since, noticed = self.missing or (now, why)
+        self.missing = (since, noticed)
+        if now - since < CREATE_GRACE and os.path.isdir(os.path.dirname(self.path)):
+            return None
+        return noticed
 
     def _reopen_failed(self, exc: OSError, at_path: Optional[Identity], force: bool) -> None:
         """Record a failed reopen; log it once per rotation (and at every explicit request)."""
@@ -311,7 +317,7 @@ class FileTable:
         self._lock = threading.Lock()
         self._info = info
         self._warn = warn
-        self.watcher = RotationWatcher(self)
+        self.watcher = RotationWatcher(self, warn)
 
     def acquire(self, path: str) -> OpenFile:
         """Return the open file for ``path``, opening it if needed (may block).
@@ -376,9 +382,10 @@ class FileTable:
                     entry.follow_path(entry.reopen_pending or why, patient=True)
                 finally:
                     entry.lock.release()
-                if entry.missing is None:
+                missing = entry.missing
+                if missing is None:
                     continue
-                due = entry.missing[0] + CREATE_GRACE
+                due = missing[0] + CREATE_GRACE
             else:
                 entry.reopen_pending = why  # its writer reopens after this write
                 due = time.monotonic() + CREATE_GRACE
@@ -412,8 +419,9 @@ class RotationWatcher:
     while inotify is missing or some directory is not watched.
     """
 
-    def __init__(self, table: FileTable) -> None:
+    def __init__(self, table: FileTable, warn: Callable[[str], None]) -> None:
         self._table = table
+        self._warn = warn
         self._inotify: Optional[Inotify]
         self._inotify, self.unavailable = open_inotify()
         self._lock = threading.Lock()
@@ -481,18 +489,23 @@ class RotationWatcher:
         while not stopping():
             wake = next_check if again is None else min(next_check, again)
             ready = {fd for fd, _ in poller.poll(max(0.0, wake - time.monotonic()) * 1000.0)}
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
-                if self._reopen_requested:
-                    self._reopen_requested = False
-                    reopen_all()
-            if self._inotify is not None and self._inotify.fd in ready:
-                again = _earliest(again, self._follow_events())
-            now = time.monotonic()
-            if now >= wake:
-                again = self._full_check()
-                if now >= next_check:
-                    next_check = now + self._period()
+            try:
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 4096)
+                    if self._reopen_requested:
+                        self._reopen_requested = False
+                        reopen_all()
+                if self._inotify is not None and self._inotify.fd in ready:
+                    again = _earliest(again, self._follow_events())
+                now = time.monotonic()
+                if now >= wake:
+                    again = self._full_check()
+                    if now >= next_check:
+                        next_check = now + self._period()
+            except Exception as exc:  # one bad file or call must not end the watching of all
+                self._warn(f"Rotation watcher: {_text(exc)}")
+                next_check = time.monotonic() + ROTATE_CHECK
+                again = None
 
     def _period(self) -> float:
         with self._lock:
