@@ -54,6 +54,19 @@ class Backlog:
         self._bytes += other._bytes
         self._ends.extend(e + shift for e in other._ends[other._first :])
 
+    def absorb(self, other: "Backlog") -> None:
+        """Move every record of ``other`` to the end of this one, leaving ``other``
+        empty (no copy when this one is empty: the buffers change hands)."""
+        if self._bytes:
+            self.extend(other)
+        else:
+            self._bytes, other._bytes = other._bytes, bytearray()
+            self._ends, other._ends = other._ends, array("Q")
+            self._first, other._first = other._first, 0
+            self.start, other.start = other.start, other.end
+            return
+        other.clear()
+
     def whole(self, limit: int) -> int:
         """Bytes of the longest run of whole records from the front that fits ``limit``
         (0 if the first record alone is larger)."""

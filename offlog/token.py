@@ -59,6 +59,8 @@ def take(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> bool:
     """Take ``token`` (owned by ``owner``); False if the caller's own thread holds
     it further out on its stack (a signal handler re-entering its owner)."""
     tries = 0
+    # Signal handlers run in the main thread only: there, look at once.
+    look = YIELDS_PER_LOOK - 1 if threading.current_thread() is threading.main_thread() else 0
     while True:
         try:
             token.pop()
@@ -66,7 +68,7 @@ def take(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> bool:
         except IndexError:
             pass
         tries += 1
-        if tries % YIELDS_PER_LOOK == 0:
+        if (tries + look) % YIELDS_PER_LOOK == 0:
             mine, others = _holders(owner, holding)
             if mine:
                 return False

@@ -255,7 +255,7 @@ class _Channel:
                 message = self.legacy_message(deadline)
                 if message not in LEGACY_NOT_ERRORS and message != b"BYE":
                     return _remote(P.exception_from_text(message.decode("utf-8", "replace")))
-        except (EOFError, TimeoutError, OSError):
+        except (EOFError, TimeoutError, OSError, ValueError):  # ValueError: the socket is closed already
             return BrokenPipeError("the offlog server closed the connection")
 
 
@@ -328,7 +328,8 @@ class SocketTransport:
         self._closed = False
         self._slow = not self._framed  # the hot path does not apply (see _update_slow)
         self._next_poll = ACK_POLL
-        channel.on_written = self._unconfirmed.forget_until
+        self._written = 0  # payload position the server's last WRITTEN confirmed
+        channel.on_written = self._note_written
 
     @property
     def backlog_bytes(self) -> int:
@@ -367,6 +368,7 @@ class SocketTransport:
                 if self._unconfirmed.end >= self._next_poll:
                     self._next_poll = self._unconfirmed.end + ACK_POLL
                     self._channel.poll()  # collects WRITTEN frames
+                    self._unconfirmed.forget_until(self._written)
                 return
         except BaseException:
             self._interrupted_locked()
@@ -479,6 +481,7 @@ class SocketTransport:
             self._lost_locked()
             return False
         finally:
+            self._unconfirmed.forget_until(self._written)
             self._update_slow()
 
     def _send_from_backlog(self) -> None:
@@ -513,6 +516,8 @@ class SocketTransport:
 
     def _lost_locked(self) -> None:
         """Token held: the socket broke. Divert, or raise what the server said."""
+        if self._diverted is not None:
+            return
         error = self._gone()
         if not isinstance(error, ServerGone):
             raise error
@@ -537,11 +542,17 @@ class SocketTransport:
         self._update_slow()
         return error.with_traceback(None)
 
-    def unconfirmed(self) -> Backlog:
-        """Token held: every byte the server has not confirmed, in order (a new backlog)."""
-        out = Backlog()
-        out.extend(self._unconfirmed)
-        out.extend(self._backlog)
+    def _note_written(self, position: int) -> None:
+        """Any thread (a WRITTEN frame): the server wrote every payload byte before
+        ``position``; the unconfirmed backlog forgets them under the token."""
+        self._written = position
+
+    def _take_unconfirmed(self) -> Backlog:
+        """Token held: every byte the server has not confirmed, in order; this
+        transport keeps none of them."""
+        self._unconfirmed.forget_until(self._written)
+        out, self._unconfirmed = self._unconfirmed, Backlog()
+        out.absorb(self._backlog)
         return out
 
     def _divert_locked(self, why: BaseException) -> None:
@@ -553,9 +564,7 @@ class SocketTransport:
             self._error = self._error or why
             self._update_slow()
             return
-        bytes_left = self.unconfirmed()
-        self._backlog.clear()
-        self._unconfirmed.clear()
+        bytes_left = self._take_unconfirmed()
         self._partial = None
         self._release_control()
         self._diverted = self.on_lost(bytes_left)
@@ -588,7 +597,7 @@ class SocketTransport:
     def _take_backlog_locked(self, chunk: Backlog) -> bool:
         if self._diverted is not None or self._error is not None:
             return False
-        self._backlog.extend(chunk)
+        self._backlog.absorb(chunk)
         self._pump_locked()
         return True
 
@@ -650,7 +659,8 @@ class SocketTransport:
                 self.locked(self._check_control)
                 self._raise_if_diverted()
                 raise self._error.with_traceback(None)  # type: ignore[union-attr]
-            channel._wait_and_poll(Deadline(deadline.step(0.05) * 1000))
+            wait_readable(self._sock, deadline.step(0.05))
+            channel.poll()
             deadline.left()
         return channel.frame(deadline)
 
@@ -893,7 +903,8 @@ class ShmTransport(SocketTransport):
                 self._raise_if_diverted()
                 raise self._error.with_traceback(None)  # type: ignore[union-attr]
             self._producer.wake()
-            channel._wait_and_poll(Deadline(deadline.step(0.05) * 1000))
+            wait_readable(self._sock, deadline.step(0.05))
+            channel.poll()
             deadline.left()
         return channel.frame(deadline)
 

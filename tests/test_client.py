@@ -54,13 +54,13 @@ def test_relative_path_is_made_absolute_like_0x(server, workdir, monkeypatch):
     assert (workdir / "relative.log").read_bytes() == b"here\n"
 
 
-def test_flush_returns_once_the_bytes_are_in_the_file(transport_server, workdir):
+def test_sync_returns_once_the_bytes_are_in_the_file(transport_server, workdir):
     target = workdir / "flushed.log"
     f = offlog.ProxyFile(str(target), transport_server.sock, fsync=True)
     expected = b"".join(numbered(i) for i in range(5000))
     for i in range(5000):
         f.write(numbered(i))
-    f.flush()
+    f.sync()
     assert target.read_bytes() == expected
     f.close()
 
@@ -186,7 +186,7 @@ def test_forked_child_reconnects_instead_of_sharing_the_parents_connection(trans
     target = workdir / "fork.log"
     f = offlog.ProxyFile(str(target), transport_server.sock)
     f.write(b"parent before fork\n")
-    f.flush()
+    f.sync()
     pid = os.fork()
     if pid == 0:  # child
         code = 1
@@ -279,7 +279,7 @@ def test_reconnect_false_raises_when_the_server_stops(start_server, workdir, shm
     server = start_server("--shm")
     f = offlog.ProxyFile(str(workdir / "r.log"), server.sock, shm=shm, reconnect=False)
     f.write(b"first\n")
-    f.flush()
+    f.sync()
     server.stop()
     with pytest.raises(OSError, match="offlog server exited"):
         for _ in range(100):

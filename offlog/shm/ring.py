@@ -74,7 +74,7 @@ from __future__ import annotations
 import errno
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 from .. import token
 from ..backlog import Backlog
@@ -150,6 +150,7 @@ class Producer:
         self._interrupted = False
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._closed = False
+        self._big: Optional[Tuple[int, bytes]] = None  # (head at its start, bytes) of an oversized write
         self._limit = 0
         self._update_limit()
 
@@ -229,9 +230,8 @@ class Producer:
         self._take_reentered()
         unreleased = Backlog()
         if self._words is not None:
-            unreleased.append(self._unreleased())
-        unreleased.extend(self._backlog)
-        self._backlog.clear()
+            self._unreleased_into(unreleased)
+        unreleased.absorb(self._backlog)
         self._limit = -1
         self._diverted = make_handler(unreleased)
 
@@ -240,7 +240,7 @@ class Producer:
         taking nothing, if this producer has diverted already."""
         if self._diverted is not None or self._closed:
             return False
-        self._backlog.extend(chunk)
+        self._backlog.absorb(chunk)
         self._drain_backlog()
         return True
 
@@ -252,11 +252,30 @@ class Producer:
     def unreleased_bytes(self) -> int:
         return self._head - self._tail if self._words is not None else 0
 
-    def _unreleased(self) -> bytes:
+    def _unreleased_into(self, out: Backlog) -> None:
+        """Token held, diverting: the ring's unreleased bytes into ``out``. An
+        oversized write the consumer had not wholly released goes whole, from
+        its first byte: a consumer that wrote part of it and died leaves a
+        fragment in the file, and the record follows whole."""
         tail = self._words[TAIL_WORD]
         if not self._tail <= tail <= self._head:
             tail = self._tail  # a consumer that lied: resend from what it last showed us
-        start, n = tail & self._mask, self._head - tail
+        big = self._big
+        if big is None or tail >= big[0] + len(big[1]):
+            out.append(self._ring_bytes(tail, self._head))
+            return
+        start, record = big
+        end = start + len(record)
+        if tail < start:
+            out.append(self._ring_bytes(tail, start))
+        out.append(record)
+        if self._head > end:
+            out.append(self._ring_bytes(end, self._head))
+        elif self._head < end:
+            self._backlog.consume(end - self._head)  # its unfed rest: in ``record`` already
+
+    def _ring_bytes(self, begin: int, end: int) -> bytes:
+        start, n = begin & self._mask, end - begin
         first = min(n, self._capacity - start)
         return bytes(self._data[start : start + first]) + bytes(self._data[: n - first])
 
@@ -348,8 +367,14 @@ class Producer:
             free = self._capacity - (self._head - self._tail)
             n = backlog.whole(free)
             if not n:
-                if backlog.first_record() <= self._capacity or not free:
-                    break  # wait for room: whole writes stay whole
+                if not free:
+                    break
+                if not self._feeding_big():
+                    size = backlog.first_record()
+                    if size <= self._capacity or self._big is not None:
+                        break  # wait for room: whole writes stay whole; one oversized write at a time
+                    with backlog.view(size) as record:
+                        self._big = (self._head, bytes(record))
                 n = free  # larger than the ring: feed it piecewise
             with backlog.view(n) as chunk:
                 self._copy_in(chunk)
@@ -358,6 +383,10 @@ class Producer:
         self._update_limit()
         if published or backlog:
             self._wake_or_fail()
+
+    def _feeding_big(self) -> bool:
+        """An oversized write is part-way into the ring (the backlog's first record is its rest)."""
+        return self._big is not None and self._head < self._big[0] + len(self._big[1])
 
     def _copy_in(self, chunk: memoryview) -> None:
         n = chunk.nbytes
@@ -386,6 +415,8 @@ class Producer:
         if not self._tail <= tail <= self._head:
             raise RingCorrupt(f"consumer position {tail} outside [{self._tail}, {self._head}]")
         self._tail = tail
+        if self._big is not None and tail >= self._big[0] + len(self._big[1]):
+            self._big = None  # released whole: nothing of it to re-send
 
     def _update_limit(self) -> None:
         if self._backlog or self._diverted is not None or self._closed or self._reentered:
