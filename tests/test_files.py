@@ -392,3 +392,32 @@ def test_reopen_frames_are_the_bytes_the_protocol_document_shows():
     assert P.decode_reopened(reply.payload) == {"reopened": ["/tmp/a.log"], "failed": []}
     with pytest.raises(P.ProtocolError):
         P.decode_reopened(b'{"reopened": []}')
+
+
+def test_inotify_binding_reports_renames_and_deletions_in_a_watched_directory(workdir):
+    """The ctypes binding against the real kernel: a watch on a directory reports a
+    rename and a deletion there by name, and a removed directory's own end."""
+    from offlog.inotify import IN_DELETE, IN_DELETE_SELF, IN_IGNORED, IN_MOVED_FROM, IN_MOVED_TO, open_inotify
+
+    inotify, why_not = open_inotify()
+    assert inotify is not None, why_not
+    try:
+        directory = workdir / "watched"
+        directory.mkdir()
+        (directory / "a.log").write_bytes(b"")
+        wd = inotify.add_watch(str(directory), IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_DELETE_SELF)
+        (directory / "a.log").rename(directory / "a.log.1")
+        (directory / "a.log.1").unlink()
+        directory.rmdir()
+        assert [(e.wd, e.mask, e.name) for e in inotify.read()] == [
+            (wd, IN_MOVED_FROM, b"a.log"),
+            (wd, IN_MOVED_TO, b"a.log.1"),
+            (wd, IN_DELETE, b"a.log.1"),
+            (wd, IN_DELETE_SELF, b""),
+            (wd, IN_IGNORED, b""),  # the kernel dropped the watch with the directory
+        ]
+        assert inotify.read() == []
+        with pytest.raises(FileNotFoundError):
+            inotify.add_watch(str(directory), IN_DELETE)
+    finally:
+        inotify.close()
