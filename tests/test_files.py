@@ -224,6 +224,15 @@ def rotate_to_unwritable(path: Path, rotated: Path, how: str) -> None:
     staged.rename(path)
 
 
+@pytest.fixture
+def no_immutable_leftovers(workdir):
+    """An immutable file would survive the workdir's removal, whatever the test did."""
+    yield
+    for p in workdir.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+
+
 def undo_unwritable(path: Path, how: str) -> None:
     if how == "directory":
         path.rmdir()
@@ -232,7 +241,9 @@ def undo_unwritable(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["directory", "immutable"])
-def test_failed_reopen_keeps_writing_old_file_logs_once_and_shows_in_status(server, workdir, how):
+def test_failed_reopen_keeps_writing_old_file_logs_once_and_shows_in_status(
+    server, workdir, no_immutable_leftovers, how
+):
     """logrotate renamed the file and created one the server cannot open: the server
     keeps appending to the renamed file, says so once (not at every later check or
     open attempt) and in ``status``, and follows the path again once it can."""
@@ -372,15 +383,6 @@ def test_sighup_and_reopen_command_run_the_same_routine(server, workdir):
         assert server.output().count("Reopened 1 of 1 files, 0 failed") == 2
     finally:
         f.close()
-
-
-@pytest.fixture(autouse=True)
-def no_immutable_leftovers(workdir):
-    """chattr +i files would survive the workdir's removal: make sure none is left."""
-    yield
-    for p in workdir.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            subprocess.run(["chattr", "-i", str(p)], capture_output=True)
 
 
 def test_reopen_frames_are_the_bytes_the_protocol_document_shows():
