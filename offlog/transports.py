@@ -322,6 +322,7 @@ class SocketTransport:
         self._partial: Optional[memoryview] = None  # the unsent rest of a frame (or of raw bytes)
         self._unconfirmed = Backlog()  # framed: payloads sent, not yet covered by WRITTEN
         self._in_send = False  # a frame is between send() and its bookkeeping
+        self._broken = False  # an exception cut a send short: divert before anything else
         self._tokens = itertools.count(1)
         self._error: Optional[BaseException] = None  # what the server reported, once
         self._diverted: Optional[Callable[[Buffer], None]] = None
@@ -419,6 +420,7 @@ class SocketTransport:
     def _write_locked(self, view: memoryview):
         """Token held: None when done, WAIT, or the handler of a diverted transport."""
         self._take_reentered()
+        self._divert_if_broken()
         if self._diverted is not None:
             return self._diverted
         if self._closed:
@@ -453,6 +455,7 @@ class SocketTransport:
     def _update_slow(self) -> None:
         self._slow = bool(
             not self._framed
+            or self._broken
             or self._backlog
             or self._partial is not None
             or self._reentered
@@ -465,24 +468,39 @@ class SocketTransport:
         """Token held: send what the socket takes now; True if all of it went.
         A lost server diverts (the caller then finds ``_diverted`` set)."""
         try:
-            while True:
-                if self._partial is not None:
-                    sent = self._sock.send(self._partial)
-                    if sent < self._partial.nbytes:
-                        self._partial = self._partial[sent:]
-                        return False
-                    self._partial = None
+            self._divert_if_broken()
+            while self._diverted is None:
+                if self._partial is not None and not self._send_partial():
+                    return False
                 if not self._backlog:
                     return True
                 self._send_from_backlog()
-        except (BlockingIOError, InterruptedError):
             return False
         except OSError:
+            self._in_send = False
             self._lost_locked()
             return False
         finally:
             self._unconfirmed.forget_until(self._written)
             self._update_slow()
+
+    def _send_partial(self) -> bool:
+        """Token held: send the rest of the current frame; True once all of it went.
+        From ``send`` returning to ``_partial`` updated, an exception would leave
+        the stream unknown: ``_in_send`` tells :meth:`_interrupted_locked`."""
+        self._in_send = True
+        try:
+            sent = self._sock.send(self._partial)
+        except (BlockingIOError, InterruptedError):
+            self._in_send = False
+            return False
+        if sent < self._partial.nbytes:
+            self._partial = self._partial[sent:]
+            self._in_send = False
+            return False
+        self._partial = None
+        self._in_send = False
+        return True
 
     def _send_from_backlog(self) -> None:
         """Token held, nothing partial: frame the backlog's first records and send them."""
@@ -506,10 +524,18 @@ class SocketTransport:
         self._in_send = False
 
     def _interrupted_locked(self) -> None:
-        """Token held, an exception is passing: if it cut a send short, what
-        the server got is unknown; divert (re-send every unconfirmed byte)."""
+        """Token held, an exception is passing: if it cut a send short, what the
+        server got is unknown. Mark the connection broken (one store, so a second
+        interrupt cannot half-do it); the next call diverts (re-sends every
+        unconfirmed byte) before anything else goes out."""
         if self._in_send:
+            self._broken = True
+            self._slow = True
             self._in_send = False
+
+    def _divert_if_broken(self) -> None:
+        """Token held: a send was interrupted; this connection is never used again."""
+        if self._broken and self._diverted is None:
             self._backlog.repair()
             self._unconfirmed.repair()
             self._divert_locked(BrokenPipeError("offlog: a send was interrupted; the connection was dropped"))
@@ -568,6 +594,7 @@ class SocketTransport:
         self._partial = None
         self._release_control()
         self._diverted = self.on_lost(bytes_left)
+        self._broken = False
         self._update_slow()
 
     def _release_control(self) -> None:
@@ -582,6 +609,9 @@ class SocketTransport:
             if self._diverted is None and self._error is None and not self._closed:
                 self._pump_locked()
             return self.backlog_bytes
+        except BaseException:
+            self._interrupted_locked()
+            raise
         finally:
             self._token.append(True)
 
@@ -658,11 +688,17 @@ class SocketTransport:
             if channel.eof:
                 self.locked(self._check_control)
                 self._raise_if_diverted()
-                raise self._error.with_traceback(None)  # type: ignore[union-attr]
+                raise self._closed_by_server()
             wait_readable(self._sock, deadline.step(0.05))
             channel.poll()
             deadline.left()
         return channel.frame(deadline)
+
+    def _closed_by_server(self) -> BaseException:
+        """What the server's EOF means when nothing was diverted: its error, if it sent one."""
+        if self._error is not None:
+            return self._error.with_traceback(None)
+        return BrokenPipeError("the offlog server closed the connection")
 
     def _send_control(self, message: bytes) -> int:
         """Token held: queue a control frame after every DATA frame; return the
@@ -713,6 +749,7 @@ class SocketTransport:
     def _close_locked(self) -> None:
         self._take_reentered()
         self._pump_locked()
+        self._raise_if_diverted()
         self._report_dropped_locked()
         self._closed = True  # later writes raise ValueError
         self._update_slow()
@@ -725,7 +762,9 @@ class SocketTransport:
                 except (ServerGone, OSError) as exc:
                     if self._nothing_unconfirmed():
                         return  # every byte confirmed: nothing to re-send, nothing lost
-                    raise exc
+                    if not isinstance(exc, ServerGone):
+                        self.locked(self._divert_on_close)
+                    raise
                 if f.type == P.BYE:
                     return
                 if f.type == P.ERROR:
@@ -742,6 +781,17 @@ class SocketTransport:
 
     def _nothing_unconfirmed(self) -> bool:
         return not self._unconfirmed and not self._backlog
+
+    def _divert_on_close(self) -> None:
+        """Token held, closing, the server gone with bytes unconfirmed: divert them
+        (ServerGone: the reconnect delivers them), or raise the server's error."""
+        self._closed = False
+        error = self._verdict(BrokenPipeError("the offlog server closed the connection"))
+        if not isinstance(error, ServerGone):
+            self._closed = True
+            raise error
+        self._divert_locked(error)
+        raise error
 
     def detach(self) -> None:
         """After fork: the parent owns the connection and the backlog."""
@@ -901,7 +951,7 @@ class ShmTransport(SocketTransport):
             if channel.eof:
                 self._producer.locked(self._look_at_control)
                 self._raise_if_diverted()
-                raise self._error.with_traceback(None)  # type: ignore[union-attr]
+                raise self._closed_by_server()
             self._producer.wake()
             wait_readable(self._sock, deadline.step(0.05))
             channel.poll()
