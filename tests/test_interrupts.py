@@ -4,9 +4,11 @@ A Python signal handler runs in the main thread between two bytecodes of
 whatever it was doing, so it can land inside write(): a KeyboardInterrupt
 raised there must leave no lock or token taken and no half record on the
 wire, and a handler that writes to the ProxyFile it interrupted must have
-its record queued, not deadlock. The interrupts come from a CPU-time timer
-(``ITIMER_PROF``) in the client's own interpreter, at random intervals of a
-fraction of a millisecond, so they land all over the write path.
+its record queued, not deadlock. The interrupts come from a timer
+(``ITIMER_REAL``, SIGALRM) in the client's own interpreter, at random
+intervals of a fraction of a millisecond, so they land all over the write
+path. (A signal does not queue: a client descheduled for a while gets one
+late interrupt, not a burst.)
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import offlog
 
 rng = random.Random(20261124)
 
+LAST = 900_000  # records are numbered with six digits
+
 def size(n):
-    return 70000 if n % 251 == 250 else 0  # now and then a write bigger than one socket frame
+    return 70000 if n % 2000 == 1999 else 0  # now and then a write bigger than one socket frame
 """
 
 
@@ -52,30 +56,32 @@ armed = False
 
 def on_timer(signum, frame):
     global interrupts
-    signal.setitimer(signal.ITIMER_PROF, rng.uniform(0.0002, 0.001))
+    signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0002, 0.001))
     if armed and interrupts < 400:
         interrupts += 1
         raise KeyboardInterrupt
 
-signal.signal(signal.SIGPROF, on_timer)
-signal.setitimer(signal.ITIMER_PROF, 0.0005)
+signal.signal(signal.SIGALRM, on_timer)
+signal.setitimer(signal.ITIMER_REAL, 0.0005)
 accepted = set()
 n = 0
 deadline = time.monotonic() + 30
-while interrupts < 400 and time.monotonic() < deadline:
-    try:
+try:
+    while interrupts < 400 and n < LAST and time.monotonic() < deadline:
         try:
-            data = record("K", n, size(n))
-            armed = True
-            f.write(data)
+            try:
+                data = record("K", n, size(n))
+                armed = True
+                f.write(data)
+                armed = False
+                accepted.add(n)
+            except KeyboardInterrupt:
+                armed = False
+        except KeyboardInterrupt:  # one more, landing in the handler above
             armed = False
-            accepted.add(n)
-        except KeyboardInterrupt:
-            armed = False
-    except KeyboardInterrupt:  # one more, landing in the handler above
-        armed = False
-    n += 1
-signal.setitimer(signal.ITIMER_PROF, 0)
+        n += 1
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 f.write(record("E", 0))
 f.close()
 print(json.dumps({{"written": n, "interrupts": interrupts, "lost": sorted(set(range(n)) - accepted)}}))
@@ -101,16 +107,18 @@ def on_timer(signum, frame):
     if handled < 300:
         f.write(record("H", handled))
         handled += 1
-        signal.setitimer(signal.ITIMER_PROF, rng.uniform(0.0001, 0.0005))
+        signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.0001, 0.0005))
 
-signal.signal(signal.SIGPROF, on_timer)
-signal.setitimer(signal.ITIMER_PROF, 0.0003)
+signal.signal(signal.SIGALRM, on_timer)
+signal.setitimer(signal.ITIMER_REAL, 0.0003)
 n = 0
 deadline = time.monotonic() + 30
-while handled < 300 and time.monotonic() < deadline:
-    f.write(record("M", n, size(n)))
-    n += 1
-signal.setitimer(signal.ITIMER_PROF, 0)
+try:
+    while handled < 300 and n < LAST and time.monotonic() < deadline:
+        f.write(record("M", n, size(n)))
+        n += 1
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 f.close()
 print(json.dumps({{"written": n, "handled": handled}}))
 """
