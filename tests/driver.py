@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import pytest
 from records import TESTS
-from support import Processes, child_env
+from support import Processes, child_env, client_script
 
 CHILD = """
 import json, sys, traceback
@@ -65,6 +66,23 @@ for line in sys.stdin:
 
 class StepFailed(AssertionError):
     pass
+
+
+def proxy_file(target: Path, sock: str, **options: Any) -> str:
+    """The step that opens ``f``: ``ProxyFile(target, sock, **options)``."""
+    args = "".join(f", {k}={v!r}" for k, v in options.items())
+    return f"f = offlog.ProxyFile({str(target)!r}, {sock!r}{args})"
+
+
+def run_script(procs: Processes, workdir: Path, code: str, what: str, timeout: float = 60.0) -> Any:
+    """Run ``code`` in a fresh interpreter; it must exit 0 within ``timeout`` s (else the test
+    fails, saying ``what`` hung); returns the JSON it printed last."""
+    try:
+        proc = client_script(procs, workdir, code, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the client did not finish within {timeout} s: {what}")
+    assert proc.returncode == 0, f"the client failed:\n{proc.stderr_text}"
+    return json.loads(proc.stdout_text.strip().splitlines()[-1])
 
 
 class Driver:

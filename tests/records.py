@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Set, Tuple
 
 TESTS = str(Path(__file__).resolve().parent)
 LETTERS = b"abcdefghijklmnopqrstuvwxyz"
-HEADER = re.compile(rb"([A-Z][A-Z0-9]*) (\d{6}) (\d{7}) ")
+HEADER = re.compile(rb"([A-Z][A-Z0-9]*) (\d{6,}) (\d{7}) ")
 Key = Tuple[str, int]
 
 

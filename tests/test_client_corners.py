@@ -3,15 +3,14 @@ close() racing writes, closed files, flush() versus sync(), and the errors of a 
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
 
 import pytest
-from driver import Driver
+from driver import Driver, proxy_file, run_script
 from records import TESTS, assert_exactly_once, assert_whole_lines_at_least_once, keys, record
-from support import ServerProcess, client_script
+from support import ServerProcess
 
 import offlog
 
@@ -23,18 +22,8 @@ import offlog
 """
 
 
-def run(procs, workdir, code: str, what: str, timeout: float = 60.0) -> dict:
-    try:
-        proc = client_script(procs, workdir, PREAMBLE + code, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the client did not finish within {timeout} s: {what}")
-    assert proc.returncode == 0, f"the client failed:\n{proc.stderr_text}"
-    return json.loads(proc.stdout_text.strip().splitlines()[-1])
-
-
-def proxy(target, server, **options) -> str:
-    args = "".join(f", {k}={v!r}" for k, v in options.items())
-    return f"f = offlog.ProxyFile({str(target)!r}, {server.sock!r}{args})"
+def run(procs, workdir, code: str, what: str) -> object:
+    return run_script(procs, workdir, PREAMBLE + code, what)
 
 
 def test_descriptors_above_1024(transport_server, workdir, procs):
@@ -101,7 +90,7 @@ def test_unclosed_ring_proxyfile_is_garbage_collected(transport_server, workdir,
     shm = transport_server.transport == "shm"
     client = Driver(procs, workdir, "import gc, weakref")
     collected = client.run(
-        proxy(target, transport_server, shm=shm)
+        proxy_file(target, transport_server.sock, shm=shm)
         + f"""
 assert f.transport == {transport_server.transport!r}
 for n in range(100):
@@ -233,7 +222,7 @@ def test_flush_never_waits_for_a_stalled_server(transport_server, workdir, procs
     60 s, so a flush() that waited for the server would overrun the step's 20 s.)"""
     server = transport_server
     target = workdir / "stalled.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=server.transport == "shm", timeout=60000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=server.transport == "shm", timeout=60000))
     client.write("A", 0, 10)
     server.signal(signal.SIGSTOP)
     try:
@@ -254,7 +243,7 @@ def test_stream_handler_and_print_do_not_block_on_a_stalled_server(transport_ser
     server stopped, 200 records of each still return; after SIGCONT close() delivers them all."""
     server = transport_server
     target = workdir / "stream.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=server.transport == "shm", timeout=60000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=server.transport == "shm", timeout=60000))
     client.run("""
         import logging
         handler = logging.StreamHandler(f)
@@ -323,7 +312,7 @@ def test_exit_with_nothing_pending_after_the_server_vanished_is_quiet(transport_
     lost server (bounded here at 10 s, generously) and prints nothing on stderr."""
     server = transport_server
     target = workdir / "quiet.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=server.transport == "shm", timeout=60000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=server.transport == "shm", timeout=60000))
     client.write("Q", 0, 10)
     client.run("f.sync()")
     server.kill()

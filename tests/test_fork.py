@@ -10,12 +10,11 @@ record must be in the file exactly once and whole.
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
+from driver import run_script
 from records import TESTS, assert_exactly_once, keys
-from support import client_script
 
 PREAMBLE = f"""
 import json, logging, multiprocessing, os, sys
@@ -37,10 +36,8 @@ def logging_to(target, sock, shm):
 """
 
 
-def run(procs, workdir, code: str, timeout: float = 60.0):
-    proc = client_script(procs, workdir, PREAMBLE + code, timeout=timeout)
-    assert proc.returncode == 0, f"the client script failed:\n{proc.stderr_text}"
-    return json.loads(proc.stdout_text.strip().splitlines()[-1])
+def run(procs, workdir, code: str):
+    return run_script(procs, workdir, PREAMBLE + code, "a fork, a child's exit or a close hung")
 
 
 def test_multiprocessing_fork_children_deliver_every_record(transport_server, workdir, procs):

@@ -13,12 +13,8 @@ late interrupt, not a burst.)
 
 from __future__ import annotations
 
-import json
-import subprocess
-
-import pytest
+from driver import run_script
 from records import TESTS, assert_whole_lines_at_least_once, keys
-from support import client_script
 
 PREAMBLE = f"""
 import json, random, signal, sys, time
@@ -35,13 +31,8 @@ def size(n):
 """
 
 
-def run(procs, workdir, code: str, what: str, timeout: float = 60.0) -> dict:
-    try:
-        proc = client_script(procs, workdir, PREAMBLE + code, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the client did not finish within {timeout} s: {what}")
-    assert proc.returncode == 0, f"the client failed:\n{proc.stderr_text}"
-    return json.loads(proc.stdout_text.strip().splitlines()[-1])
+def run(procs, workdir, code: str, what: str) -> dict:
+    return run_script(procs, workdir, PREAMBLE + code, what)
 
 
 def test_keyboard_interrupts_never_wedge_a_proxyfile(transport_server, workdir, procs):

@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from driver import Driver
+from driver import Driver, proxy_file
 from records import assert_at_least_once, keys
 from support import ServerProcess
 
@@ -40,17 +40,12 @@ def start_again(procs, workdir):
             server.stop()
 
 
-def proxy(target, server, **options) -> str:
-    args = "".join(f", {k}={v!r}" for k, v in options.items())
-    return f"f = offlog.ProxyFile({str(target)!r}, {server.sock!r}{args})"
-
-
 def test_ring_backlog_survives_a_server_kill(start_server, start_again, procs, workdir):
     """Ring full and a local backlog while the server is stopped; it is killed and replaced, and
     the next call is sync(): no write in between tells the client that its server changed."""
     server = start_server(*SMALL_RING)
     target = workdir / "backlog.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=True, timeout=10000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=True, timeout=10000))
     assert client.state()["transport"] == "shm"
     client.write("A", 0, 20, 1000)
     server.signal(signal.SIGSTOP)
@@ -74,7 +69,7 @@ def test_large_writes_survive_three_server_kills(start_server, start_again, proc
     during which the server is killed and replaced, mid-way through 30 MB of backlog."""
     server = start_server(*SMALL_RING)
     target = workdir / "large.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=shm, timeout=30000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=shm, timeout=30000))
     for first in (0, 15, 30, 45):
         result = client.write("L", first, first + 15, 2 << 20, timeout=60)
         assert not result["raised"], f"writes raised: {result['raised']}"
@@ -99,7 +94,7 @@ def test_every_wait_notices_a_lost_server(start_server, start_again, procs, work
     server = start_server(*SMALL_RING)
     target = workdir / "wait.log"
     limit = {"max_queue": 256 * 1024, "on_full": "block"} if wait == "block" else {}
-    client = Driver(procs, workdir, proxy(target, server, shm=shm, timeout=60000, **limit))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=shm, timeout=60000, **limit))
     client.write("A", 0, 20, 1000)
     server.signal(signal.SIGSTOP)
     try:
@@ -127,7 +122,7 @@ def test_records_written_while_the_server_is_stopped_or_restarting_all_arrive(
     """Writes go on while the server is stopped for a second, and while it is dead and restarting."""
     server = transport_server
     target = workdir / "outages.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=server.transport == "shm", timeout=10000))
+    client = Driver(procs, workdir, proxy_file(target, server.sock, shm=server.transport == "shm", timeout=10000))
     results = [client.write("A", 0, 200, 200)]
     server.signal(signal.SIGSTOP)
     try:
@@ -150,7 +145,9 @@ def bounded_queue_recovers(server, start_again, procs, workdir, shm: bool, on_fu
     """max_queue overflows while the server is away; once it is back and the backlog is drained,
     10,000 further writes are all accepted and delivered, and ``dropped`` stays where it was."""
     target = workdir / "bounded.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=shm, timeout=10000, max_queue=64 * 1024, on_full=on_full))
+    client = Driver(
+        procs, workdir, proxy_file(target, server.sock, shm=shm, timeout=10000, max_queue=64 * 1024, on_full=on_full)
+    )
     before = client.write("A", 0, 100, 100)
     client.run("f.sync()")
     server.signal(signal.SIGSTOP)
@@ -197,7 +194,9 @@ def test_block_policy_while_reconnecting_delivers_the_record(start_server, start
     reconnect must not need a lock the blocked write holds, and then its record is delivered."""
     server = start_server(*SMALL_RING)
     target = workdir / "block.log"
-    client = Driver(procs, workdir, proxy(target, server, shm=shm, timeout=10000, max_queue=4096, on_full="block"))
+    client = Driver(
+        procs, workdir, proxy_file(target, server.sock, shm=shm, timeout=10000, max_queue=4096, on_full="block")
+    )
     client.write("A", 0, 10, 100)
     client.run("f.sync()")
     server.kill()
