@@ -282,20 +282,25 @@ class _Reconnecting:
         self._done = threading.Event()
         self._stopped = False
         self._closed = False
-        self._running = False
-        self._start()
+        self._thread: Optional[threading.Thread] = None  # started by the first call that needs it
 
     @property
     def backlog_bytes(self) -> int:
         return len(self._backlog) + sum(map(len, self._reentered))
 
-    def _start(self) -> None:
-        """Start the reconnect thread (again later if the host cannot start one now)."""
+    def start(self) -> None:
+        """Start the reconnect thread unless it runs or has finished its work. Not
+        in ``__init__``: a divert hands its bytes over first (an interrupt landing
+        in a thread's start-up then cannot lose them), and a host that cannot
+        start a thread now gets another try on the next write, sync or close."""
+        thread = self._thread
+        if thread is not None and (thread.is_alive() or self._done.is_set()):
+            return
+        self._thread = thread = threading.Thread(target=self._run, name="offlog-reconnect", daemon=True)
         try:
-            threading.Thread(target=self._run, name="offlog-reconnect", daemon=True).start()
-            self._running = True
+            thread.start()
         except RuntimeError:
-            pass  # no thread to be had now: the next write, sync or close tries again
+            self._thread = None
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
@@ -324,8 +329,7 @@ class _Reconnecting:
             raise ValueError("write to a closed ProxyFile")
         if self._error is not None:
             raise self._error.with_traceback(None)
-        if not self._running:
-            self._start()
+        self.start()
         if view.nbytes:
             verdict = self._admit(len(self._backlog), view.nbytes)
             if verdict is WAIT:
@@ -416,15 +420,18 @@ class _Reconnecting:
             while not self._stopped and transport.pump():
                 transport.idle()
         except Exception:
-            pass  # a lost server diverted (a new reconnector took over) or an error waits for the next call
+            pass  # the file's error waits for the application's next call
+        finally:
+            successor = self._proxy._transport
+            if isinstance(successor, _Reconnecting):
+                successor.start()  # the server went again: the new reconnector takes over
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc
         self._done.set()
 
     def _await(self, timeout_ms: Optional[float]) -> SocketTransport:
-        if not self._running:
-            self._start()
+        self.start()
         if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000.0):
             raise TimeoutError(
                 f"the offlog server at {self._proxy.sock_path} did not come back in time: "

@@ -156,6 +156,7 @@ class _Channel:
         self.sock = sock
         self.framed = framed
         self.eof = False
+        self.errored = False  # an ERROR frame came: the server is ending this connection
         self.on_written: Callable[[int], None] = lambda position: None
         self._reader = P.FrameReader(P.SERVER_FRAMES)
         self._frames: Deque[P.Frame] = deque()
@@ -223,10 +224,16 @@ class _Channel:
             if f.type == P.WRITTEN:
                 self.on_written(P.decode_u64(f.payload))
             else:
+                self.errored = self.errored or f.type == P.ERROR
                 self._frames.append(f)
 
     def has_frames(self) -> bool:
         return bool(self._frames)
+
+    def closing(self) -> bool:
+        """EOF, or an ERROR queued: the server is ending this connection. Other
+        frames (FLUSHED, BYE) are answers that the thread which asked will take."""
+        return self.eof or self.errored
 
     def frame(self, deadline: Deadline) -> P.Frame:
         while not self._frames:
@@ -323,6 +330,7 @@ class SocketTransport:
         self._unconfirmed = Backlog()  # framed: payloads sent, not yet covered by WRITTEN
         self._in_send = False  # a frame is between send() and its bookkeeping
         self._broken = False  # an exception cut a send short: divert before anything else
+        self._handover: Optional[Backlog] = None  # what a divert is handing to on_lost
         self._tokens = itertools.count(1)
         self._error: Optional[BaseException] = None  # what the server reported, once
         self._diverted: Optional[Callable[[Buffer], None]] = None
@@ -481,6 +489,9 @@ class SocketTransport:
             self._lost_locked()
             return False
         finally:
+            if self._unconfirmed.end >= self._next_poll:
+                self._next_poll = self._unconfirmed.end + ACK_POLL
+                self._channel.poll()  # collects WRITTEN frames
             self._unconfirmed.forget_until(self._written)
             self._update_slow()
 
@@ -573,14 +584,6 @@ class SocketTransport:
         ``position``; the unconfirmed backlog forgets them under the token."""
         self._written = position
 
-    def _take_unconfirmed(self) -> Backlog:
-        """Token held: every byte the server has not confirmed, in order; this
-        transport keeps none of them."""
-        self._unconfirmed.forget_until(self._written)
-        out, self._unconfirmed = self._unconfirmed, Backlog()
-        out.absorb(self._backlog)
-        return out
-
     def _divert_locked(self, why: BaseException) -> None:
         """Token held: hand every unconfirmed byte to ``on_lost``; forward later writes.
         Without ``on_lost`` (reconnect=False) ``why`` is remembered and raised."""
@@ -590,10 +593,14 @@ class SocketTransport:
             self._error = self._error or why
             self._update_slow()
             return
-        bytes_left = self._take_unconfirmed()
+        if self._handover is None:  # kept until on_lost took it: an interrupt in there loses nothing
+            self._unconfirmed.forget_until(self._written)
+            self._handover, self._unconfirmed = self._unconfirmed, Backlog()
+        self._handover.absorb(self._backlog)
         self._partial = None
         self._release_control()
-        self._diverted = self.on_lost(bytes_left)
+        self._diverted = self.on_lost(self._handover)
+        self._handover = None
         self._broken = False
         self._update_slow()
 
@@ -635,10 +642,10 @@ class SocketTransport:
         """One step of a wait: until the socket takes more or the server speaks
         (WAIT_STEP at most); an EOF or an ERROR ends in a divert or a raise."""
         channel = self._channel
-        if self._diverted is None and not channel.eof and not channel.has_frames():
+        if self._diverted is None and not channel.closing():
             wait_readable(self._sock, WAIT_STEP, _WATCH | select.POLLOUT)
             channel.poll()
-        if self._diverted is None and (channel.eof or channel.has_frames()) and not self._closed:
+        if self._diverted is None and channel.closing() and not self._closed:
             self.locked(self._check_control)
 
     def _check_control(self) -> None:
@@ -847,9 +854,11 @@ class ShmTransport(SocketTransport):
         raise error
 
     def interrupted(self) -> None:
-        """The control socket hung up (or the server said something): look at it."""
+        """The control socket hung up (or the server said something): look at it.
+        Only an EOF or an ERROR is trouble: a FLUSHED or BYE read here is left
+        queued for the sync() or close() waiting for it in another thread."""
         self._channel.poll()
-        if self._channel.eof or self._channel.has_frames():
+        if self._channel.closing():
             self.failed(errno.EPIPE)
 
     def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:

@@ -151,6 +151,9 @@ class Producer:
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._closed = False
         self._big: Optional[Tuple[int, bytes]] = None  # (head at its start, bytes) of an oversized write
+        self._handover: Optional[Backlog] = None  # what a divert is handing to its handler
+        self._divert_to: Any = None
+        self._skip = 0
         self._limit = 0
         self._update_limit()
 
@@ -200,6 +203,8 @@ class Producer:
             return self.backlog_bytes  # a handler that interrupted this producer: leave it be
         try:
             self._take_reentered()
+            if self._handover is not None:
+                self.divert_locked(self._divert_to)
             if self._backlog and self._diverted is None:
                 self._drain_backlog()
             return self.backlog_bytes
@@ -228,12 +233,18 @@ class Producer:
         if self._diverted is not None:
             return
         self._take_reentered()
-        unreleased = Backlog()
-        if self._words is not None:
-            self._unreleased_into(unreleased)
-        unreleased.absorb(self._backlog)
         self._limit = -1
-        self._diverted = make_handler(unreleased)
+        self._divert_to = make_handler
+        if self._handover is None:  # kept until the handler took it: an interrupt in there loses nothing
+            handover = Backlog()
+            skip = self._unreleased_into(handover) if self._words is not None else 0
+            self._handover, self._skip = handover, skip
+        skip, self._skip = self._skip, 0
+        if skip:
+            self._backlog.consume(skip)  # an oversized write's unfed rest: it is in the handover whole
+        self._handover.absorb(self._backlog)
+        self._diverted = make_handler(self._handover)
+        self._handover = None
 
     def take_backlog_locked(self, chunk: Backlog) -> bool:
         """Token held: queue ``chunk``'s records after everything else; False,
@@ -252,8 +263,9 @@ class Producer:
     def unreleased_bytes(self) -> int:
         return self._head - self._tail if self._words is not None else 0
 
-    def _unreleased_into(self, out: Backlog) -> None:
-        """Token held, diverting: the ring's unreleased bytes into ``out``. An
+    def _unreleased_into(self, out: Backlog) -> int:
+        """Token held, diverting: the ring's unreleased bytes into ``out``; returns
+        how many bytes at the backlog's front ``out`` holds already. An
         oversized write the consumer had not wholly released goes whole, from
         its first byte: a consumer that wrote part of it and died leaves a
         fragment in the file, and the record follows whole."""
@@ -263,7 +275,7 @@ class Producer:
         big = self._big
         if big is None or tail >= big[0] + len(big[1]):
             out.append(self._ring_bytes(tail, self._head))
-            return
+            return 0
         start, record = big
         end = start + len(record)
         if tail < start:
@@ -271,8 +283,7 @@ class Producer:
         out.append(record)
         if self._head > end:
             out.append(self._ring_bytes(end, self._head))
-        elif self._head < end:
-            self._backlog.consume(end - self._head)  # its unfed rest: in ``record`` already
+        return max(0, end - self._head)  # its unfed rest, still in the backlog: in ``record`` already
 
     def _ring_bytes(self, begin: int, end: int) -> bytes:
         start, n = begin & self._mask, end - begin
@@ -327,6 +338,8 @@ class Producer:
             self._update_limit()
             self._on_interrupt()
         self._take_reentered()
+        if self._handover is not None:  # a divert that an interrupt cut short: finish it
+            self.divert_locked(self._divert_to)
         if self._diverted is not None:
             return self._diverted
         if self._closed:
