@@ -1,0 +1,141 @@
+"""The backlog and the write token, in-process: the two pieces every transport stands on."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offlog import token
+from offlog.backlog import Backlog
+
+records = st.lists(st.binary(min_size=1, max_size=40), max_size=30)
+
+
+class Model:
+    """The backlog as a plain list of the bytes of each record still (partly) queued."""
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def consume(self, n: int) -> None:
+        while n:
+            first = self.parts[0]
+            if n >= len(first):
+                self.parts.pop(0)
+                n -= len(first)
+            else:
+                self.parts[0] = first[n:]
+                n = 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(records, st.lists(st.tuples(st.sampled_from(["consume", "whole", "absorb"]), st.integers(0, 200)), max_size=30))
+def test_backlog_keeps_bytes_and_record_ends_through_any_sequence(first, steps):
+    backlog, model = Backlog(), Model()
+    for r in first:
+        backlog.append(r)
+        model.parts.append(r)
+    for action, n in steps:
+        if action == "consume":
+            n = min(n, len(backlog))
+            backlog.consume(n)
+            model.consume(n)
+        elif action == "whole":
+            expected, total = 0, 0
+            for part in model.parts:
+                if total + len(part) > n:
+                    break
+                total += len(part)
+                expected = total
+            assert backlog.whole(n) == expected
+        else:  # absorb: move everything into a new backlog that already holds a record
+            other = Backlog()
+            other.append(b"#")
+            other.absorb(backlog)
+            assert not backlog
+            other.consume(1)
+            backlog = other
+        assert len(backlog) == sum(map(len, model.parts))
+        assert list(backlog.records()) == model.parts
+        assert backlog.first_record() == (len(model.parts[0]) if model.parts else 0)
+
+
+def test_backlog_absorb_into_an_empty_backlog_hands_the_buffer_over():
+    source, target = Backlog(), Backlog()
+    for r in (b"one\n", b"two\n"):
+        source.append(r)
+    target.absorb(source)
+    assert list(target.records()) == [b"one\n", b"two\n"] and not source
+    source.append(b"three\n")  # the emptied source is usable again
+    assert list(source.records()) == [b"three\n"]
+
+
+def test_an_unterminated_tail_becomes_a_record():
+    """What an append interrupted between its two steps leaves behind is still queued, as one record."""
+    backlog = Backlog()
+    backlog.append(b"whole\n")
+    backlog._bytes += b"tail"  # the first half of an interrupted append
+    assert backlog.first_record() == 6 and backlog.whole(100) == 6
+    backlog.repair()
+    assert list(backlog.records()) == [b"whole\n", b"tail"]
+
+
+class Owner:
+    def __init__(self) -> None:
+        self._token = token.new()
+
+    def hold(self, inside) -> None:
+        assert token.take(self._token, self, HOLDING)
+        try:
+            inside()
+        finally:
+            self._token.append(True)
+
+    def leak(self) -> None:
+        self._token.pop()  # as an interrupt right after pop() leaves it
+        raise KeyboardInterrupt
+
+
+HOLDING = frozenset({Owner.hold.__code__, Owner.leak.__code__})
+
+
+def test_a_token_leaked_by_an_interrupt_is_put_back():
+    owner = Owner()
+    try:
+        owner.leak()
+    except KeyboardInterrupt:
+        pass
+    assert not owner._token
+    assert token.take(owner._token, owner, HOLDING)  # nobody holds it: restored, then taken
+    assert not owner._token
+    owner._token.append(True)
+
+
+def test_a_token_held_further_out_on_the_same_thread_is_reentry_not_a_deadlock():
+    owner = Owner()
+    answers = []
+    owner.hold(lambda: answers.append(token.take(owner._token, owner, HOLDING)))
+    assert answers == [False]
+    assert list(owner._token) == [True]
+
+
+def test_a_token_held_by_another_thread_is_waited_for():
+    owner = Owner()
+    inside, release, taken = threading.Event(), threading.Event(), []
+
+    def holder() -> None:
+        owner.hold(lambda: (inside.set(), release.wait(10)))
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(10)
+    waiter = threading.Thread(target=lambda: taken.append(token.take(owner._token, owner, HOLDING)))
+    waiter.start()
+    waiter.join(0.2)
+    assert not taken, "took a token another thread holds"
+    release.set()
+    waiter.join(10)
+    thread.join(10)
+    assert taken == [True]
