@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import islice
 from types import CodeType
 from typing import Any, Deque, FrozenSet
 
@@ -58,12 +59,16 @@ def new() -> Deque[bool]:
 def take(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> bool:
     """Take ``token`` (owned by ``owner``); False if the caller's own thread holds
     it further out on its stack (a signal handler re-entering its owner)."""
+    got: Deque[bool] = deque(maxlen=1)
     tries = 0
     # Signal handlers run in the main thread only: there, look at once.
     look = YIELDS_PER_LOOK - 1 if threading.current_thread() is threading.main_thread() else 0
     while True:
         try:
-            token.pop()
+            # One C call pops the token and notes it in ``got``: no thread switch
+            # or signal can fall between the two, so a looker reading this frame's
+            # ``got`` knows whether this waiter holds the token already.
+            got.extend(islice(iter(token.pop, None), 1))
             return True
         except IndexError:
             pass
@@ -91,7 +96,8 @@ def _holders(owner: Any, holding: FrozenSet[CodeType]):
                 f = f.f_back
         while f is not None:
             if f.f_code is take.__code__ and f.f_locals.get("owner") is owner and ident != me:
-                break  # another thread waiting in line
+                others = others or bool(f.f_locals.get("got"))  # took it, not returned yet
+                break  # else: another thread waiting in line
             if f.f_code in holding and f.f_locals.get("self") is owner:
                 if ident == me:
                     mine = True

@@ -407,6 +407,8 @@ class SocketTransport:
         since = None
         while True:
             if not self._take():
+                if self._closed:
+                    raise ValueError("write to a closed ProxyFile")
                 self._reentered.append(bytes(view))  # the interrupted write's owner sends it
                 self._slow = True
                 return

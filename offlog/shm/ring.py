@@ -314,6 +314,8 @@ class Producer:
         since = None
         while True:
             if not self._take():
+                if self._closed:
+                    raise ValueError("write to a closed ProxyFile")
                 self._reentered.append(bytes(view))  # the interrupted write's owner moves it on
                 self._limit = -1
                 return
