@@ -362,9 +362,10 @@ class Session:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-        if self.ring is not None:
+        ring = self.ring
+        if ring is not None:
             self.sock_ready = True
-            self.ring.sem.release()
+            ring.ring_doorbell()
 
     # -- handshake ---------------------------------------------------------
     def _handshake(self) -> bytes:

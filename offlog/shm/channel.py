@@ -85,6 +85,14 @@ class ServerRing:
         _unlink(posix_ipc.unlink_shared_memory, self.shm_name)
         _unlink(posix_ipc.unlink_semaphore, self.sem_name)
 
+    def ring_doorbell(self) -> None:
+        """Post the doorbell, unless the session closed the ring meanwhile (a
+        server stop racing the session's own end)."""
+        try:
+            self.sem.release()
+        except posix_ipc.ExistentialError:
+            pass
+
     def close(self) -> None:
         self.unlink()
         self.consumer.close()
