@@ -55,7 +55,7 @@ from typing import Any, Deque, Optional, Union
 from . import protocol as P
 from . import token
 from .backlog import Backlog
-from .shm.ring import WAIT
+from .token import WAIT
 from .transports import (
     DEFAULT_SOCK_PATH,
     DEFAULT_TIMEOUT,
@@ -264,7 +264,7 @@ class _Closed:
         pass
 
 
-class _Reconnecting:
+class _Reconnecting(token.Guarded):
     """The transport while the server is away: queue locally, reconnect in the background."""
 
     name = "reconnecting"
@@ -276,6 +276,7 @@ class _Reconnecting:
         self._admit = proxy._limit.admit if proxy._limit else admit_all
         self._token = token.new()
         self._reentered: Deque[bytes] = deque()
+        self._diverted = None  # a reconnector forwards through _replacement instead
         self._replacement: Optional[SocketTransport] = None
         self._returned: Optional[Backlog] = None  # what a transport lost during the hand-over gave back
         self._error: Optional[BaseException] = None
@@ -303,23 +304,11 @@ class _Reconnecting:
             self._thread = None
 
     def write(self, data: Buffer) -> None:
-        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
-        since = None
-        while True:
-            if not token.take(self._token, self, _HOLDING):
-                self._reentered.append(bytes(view))
-                return
-            try:
-                outcome = self._write_locked(view)
-            finally:
-                self._token.append(True)
-            if outcome is None:
-                return
-            if outcome is not WAIT:
-                return outcome(view)
-            since = time.monotonic() if since is None else since
-            self._limit.check_wait(since)  # type: ignore[union-attr]
-            self._done.wait(WAIT_STEP * 10)
+        self._write_slow(data)  # the server is away: no hot path to take
+
+    def _wait_for_room(self, since: float) -> None:
+        self._limit.check_wait(since)  # type: ignore[union-attr]
+        self._done.wait(WAIT_STEP * 10)
 
     def _write_locked(self, view: memoryview) -> Any:
         self._take_reentered()
@@ -337,10 +326,6 @@ class _Reconnecting:
             if verdict:
                 self._backlog.append(view)
         return None
-
-    def _take_reentered(self) -> None:
-        while self._reentered:
-            self._backlog.append(self._reentered.popleft())
 
     def flush(self) -> None:
         pass  # nothing can go anywhere until the server is back
@@ -375,7 +360,7 @@ class _Reconnecting:
         """Move the backlog into ``transport`` and install it; False if it lost its
         server meanwhile (then every byte is back in the backlog, in order)."""
         while True:
-            token.take(self._token, self, _HOLDING)
+            self._take()
             try:
                 if self._returned is not None:
                     return self._take_back(None)
@@ -393,7 +378,7 @@ class _Reconnecting:
             finally:
                 self._token.append(True)
             if not transport.take_backlog(chunk):  # the big copy, with writers going on meanwhile
-                token.take(self._token, self, _HOLDING)
+                self._take()
                 try:
                     return self._take_back(chunk)
                 finally:
@@ -459,7 +444,7 @@ class _Reconnecting:
         self._reentered.clear()
 
 
-_HOLDING = frozenset(f.__code__ for f in (_Reconnecting.write, _Reconnecting._hand_over))
+_Reconnecting.HOLDING = token.holding(_Reconnecting._hand_over)
 
 
 class _AfterFork:

@@ -113,3 +113,87 @@ def _restore(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> No
     with _restore_lock:
         if not token and _holders(owner, holding) == (False, False):
             token.append(True)
+
+
+#: What ``_write_locked`` returns to make a write wait for room (the block policy).
+WAIT = object()
+
+
+class Guarded:
+    """The slow path every transport shares: take the token, run the
+    subclass's ``_write_locked`` with it, give it back.
+
+    ``_write_locked(view)`` returns None (done), :data:`WAIT` (the queue is
+    full and the policy blocks: the token is given back, ``_wait_for_room``
+    runs one step of the wait, and the write tries again), or the write of
+    the transport that took over (a divert: the bytes go there). A write that
+    finds its own thread holding the token further out (a signal handler)
+    queues its bytes in ``_reentered``; the interrupted call's owner moves
+    them on first thing under the token (``_take_reentered``). An exception
+    with the token held calls ``_after_exception`` before the token goes back.
+
+    Subclasses set ``_token``, ``_reentered``, ``_backlog``, ``_diverted``,
+    ``_closed`` and ``HOLDING`` (the code objects that may hold the token).
+    """
+
+    HOLDING: FrozenSet[CodeType] = frozenset()
+    _token: Deque[bool]
+    _reentered: Deque[bytes]
+    _backlog: Any
+    _diverted: Any
+    _closed: bool
+
+    def _take(self) -> bool:
+        return take(self._token, self, self.HOLDING)
+
+    def _write_slow(self, data: Any) -> None:
+        """Every write the hot path does not finish; the token is not held."""
+        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
+        since = None
+        while True:
+            if not self._take():
+                if self._closed:
+                    raise ValueError("write to a closed ProxyFile")
+                self._reentered.append(bytes(view))  # the interrupted write's owner moves it on
+                self._after_reentry()
+                return
+            try:
+                outcome = self._write_locked(view)
+            except BaseException:
+                self._after_exception()
+                raise
+            finally:
+                self._token.append(True)
+            if outcome is None:
+                return
+            if outcome is not WAIT:
+                return outcome(view)  # diverted: the reconnect path takes it
+            since = time.monotonic() if since is None else since
+            self._wait_for_room(since)  # TimeoutError once the policy's timeout has passed
+
+    def _take_reentered(self) -> None:
+        """Token held: bytes queued by signal handlers go first (they came before this call)."""
+        while self._reentered:
+            chunk = self._reentered.popleft()
+            if self._diverted is not None:
+                self._diverted(chunk)
+            elif not self._closed:
+                self._backlog.append(chunk)
+        self._after_reentry()
+
+    def _write_locked(self, view: memoryview) -> Any:
+        raise NotImplementedError
+
+    def _wait_for_room(self, since: float) -> None:
+        raise NotImplementedError
+
+    def _after_reentry(self) -> None:
+        """Make the next write take the slow path (it finds ``_reentered``)."""
+
+    def _after_exception(self) -> None:
+        """Token held, an exception passing: put the state right."""
+
+
+def holding(*functions: Any) -> FrozenSet[CodeType]:
+    """``HOLDING`` for a class: its functions that run with the token held, and the shared slow path."""
+    return frozenset(f.__code__ for f in functions + (Guarded._write_slow,))

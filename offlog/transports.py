@@ -58,7 +58,8 @@ from . import protocol as P
 from . import token
 from .backlog import Backlog
 from .shm import ClientRing, unsupported_reason
-from .shm.ring import WAIT, admit_all
+from .shm.ring import admit_all
+from .token import WAIT
 from .watcher import Watcher
 
 DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
@@ -308,7 +309,7 @@ class QueueLimit:
             raise TimeoutError(f"offlog queue stayed full (max_queue {self.max_bytes} bytes) for the whole timeout")
 
 
-class SocketTransport:
+class SocketTransport(token.Guarded):
     """Bytes over the socket, framed or (0.x server) raw."""
 
     name = "socket"
@@ -387,9 +388,6 @@ class SocketTransport:
         return self._write_slow(data)
 
     # -- slow path ---------------------------------------------------------------
-    def _take(self) -> bool:
-        return token.take(self._token, self, _HOLDING)
-
     def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self._take():
             raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
@@ -400,32 +398,6 @@ class SocketTransport:
             raise
         finally:
             self._token.append(True)
-
-    def _write_slow(self, data: Buffer) -> None:
-        """Every write the hot path does not finish; the token is not held."""
-        view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
-        since = None
-        while True:
-            if not self._take():
-                if self._closed:
-                    raise ValueError("write to a closed ProxyFile")
-                self._reentered.append(bytes(view))  # the interrupted write's owner sends it
-                self._slow = True
-                return
-            try:
-                outcome = self._write_locked(view)
-            except BaseException:
-                self._interrupted_locked()
-                raise
-            finally:
-                self._token.append(True)
-            if outcome is None:
-                return
-            if outcome is not WAIT:
-                return outcome(view)  # diverted: the reconnect path takes it
-            since = time.monotonic() if since is None else since
-            self._limit.check_wait(since)
-            self.idle()
 
     def _write_locked(self, view: memoryview):
         """Token held: None when done, WAIT, or the handler of a diverted transport."""
@@ -453,14 +425,15 @@ class SocketTransport:
         self._pump_locked()
         return None
 
-    def _take_reentered(self) -> None:
-        while self._reentered:
-            chunk = self._reentered.popleft()
-            if self._diverted is not None:
-                self._diverted(chunk)
-            elif not self._closed:
-                self._backlog.append(chunk)
+    def _after_reentry(self) -> None:
         self._update_slow()
+
+    def _after_exception(self) -> None:
+        self._interrupted_locked()
+
+    def _wait_for_room(self, since: float) -> None:
+        self._limit.check_wait(since)  # type: ignore[union-attr]
+        self.idle()
 
     def _update_slow(self) -> None:
         self._slow = bool(
@@ -1033,10 +1006,7 @@ class ShmTransport(SocketTransport):
         super().detach()
 
 
-_HOLDING = frozenset(
-    f.__code__
-    for f in (SocketTransport.write, SocketTransport.locked, SocketTransport.pump, SocketTransport._write_slow)
-)
+SocketTransport.HOLDING = token.holding(SocketTransport.write, SocketTransport.locked, SocketTransport.pump)
 
 
 class _Hangups:

@@ -104,7 +104,7 @@ def _words_and_data(mapping: Buffer, capacity: int):
     return words, data
 
 
-class Producer:
+class Producer(token.Guarded):
     """The client half: ``write`` never blocks and never spins.
 
     ``doorbell`` wakes a sleeping consumer (posts the semaphore);
@@ -303,36 +303,6 @@ class Producer:
         self._token = token.new()  # another thread of the parent may have held it at the fork
 
     # -- slow path -------------------------------------------------------------
-    def _take(self) -> bool:
-        return token.take(self._token, self, _HOLDING)
-
-    def _write_slow(self, data: Buffer) -> None:
-        """Every write the hot path does not finish; the token is not held."""
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        view = memoryview(data).cast("B")
-        since = None
-        while True:
-            if not self._take():
-                if self._closed:
-                    raise ValueError("write to a closed ProxyFile")
-                self._reentered.append(bytes(view))  # the interrupted write's owner moves it on
-                self._limit = -1
-                return
-            try:
-                outcome = self._write_locked(view)
-            except BaseException:
-                self._resync()
-                raise
-            finally:
-                self._token.append(True)
-            if outcome is None:
-                return
-            if outcome is not WAIT:
-                return outcome(view)  # diverted: the reconnect path takes it
-            since = time.monotonic() if since is None else since
-            self._idle(since)  # wait for room, watching the server; TimeoutError when too long
-
     def _write_locked(self, view: memoryview):
         """Token held: None when done, WAIT, or the handler of a diverted producer."""
         if self._interrupted and self._diverted is None and not self._closed:
@@ -364,15 +334,14 @@ class Producer:
             self._drain_backlog()
         return None
 
-    def _take_reentered(self) -> None:
-        """Token held: bytes queued by signal handlers go first (they came before this call)."""
-        while self._reentered:
-            chunk = self._reentered.popleft()
-            if self._diverted is not None:
-                self._diverted(chunk)
-            elif not self._closed:
-                self._backlog.append(chunk)
+    def _after_reentry(self) -> None:
         self._update_limit()
+
+    def _after_exception(self) -> None:
+        self._resync()
+
+    def _wait_for_room(self, since: float) -> None:
+        self._idle(since)
 
     def _drain_backlog(self) -> None:
         self._refresh_tail()
@@ -449,8 +418,7 @@ class Producer:
             self._on_failed(self._words[layout.ERRNO_WORD] or errno.EIO)
 
 
-#: What ``admit`` returns to make a write wait for room (the block policy).
-WAIT = object()
+WAIT = token.WAIT
 
 
 def admit_all(queued: int, n: int) -> bool:
@@ -462,8 +430,7 @@ def _nap(since: float) -> None:
     time.sleep(0.0005)
 
 
-#: Functions that run with the producer's token held (see offlog.token).
-_HOLDING = frozenset(f.__code__ for f in (Producer.write, Producer.pump, Producer.locked, Producer._write_slow))
+Producer.HOLDING = token.holding(Producer.write, Producer.pump, Producer.locked)
 
 
 class Consumer:
