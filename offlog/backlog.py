@@ -138,3 +138,28 @@ class Backlog:
         last = self._ends[-1] if len(self._ends) > self._front() else self.start
         if last < self.end:
             self._ends.append(self.end)
+
+
+class Handover:
+    """What a divert hands to the reconnect: backlogs gathered by reference.
+
+    A divert can be cut short by an interrupt and tried again. Parts are
+    kept as the objects they were (a part already taken is recognised, never
+    taken twice) and copied into one backlog only by :meth:`merged`, which
+    changes no part: an interrupt anywhere leaves a retry with exactly what
+    the first try had.
+    """
+
+    def __init__(self) -> None:
+        self.parts: list = []
+
+    def take(self, part: Backlog) -> None:
+        """Add ``part`` (whose owner then starts a new backlog) unless it is here already."""
+        if part and not any(p is part for p in self.parts):
+            self.parts.append(part)
+
+    def merged(self) -> Backlog:
+        out = Backlog()
+        for part in self.parts:
+            out.extend(part)
+        return out

@@ -284,6 +284,7 @@ class _Reconnecting(token.Guarded):
         self._stopped = False
         self._closed = False
         self._thread: Optional[threading.Thread] = None  # started by the first call that needs it
+        self._running = threading.Lock()  # held by the one thread in _run
 
     @property
     def backlog_bytes(self) -> int:
@@ -295,7 +296,7 @@ class _Reconnecting(token.Guarded):
         in a thread's start-up then cannot lose them), and a host that cannot
         start a thread now gets another try on the next write, sync or close."""
         thread = self._thread
-        if thread is not None and (thread.is_alive() or self._done.is_set()):
+        if self._done.is_set() or self._running.locked() or (thread is not None and thread.is_alive()):
             return
         self._thread = thread = threading.Thread(target=self._run, name="offlog-reconnect", daemon=True)
         try:
@@ -332,6 +333,20 @@ class _Reconnecting(token.Guarded):
 
     # -- the reconnect thread ------------------------------------------------------
     def _run(self) -> None:
+        """One reconnect thread per reconnector, whatever start() saw: an
+        interrupt inside ``Thread.is_alive()`` can make a running thread look
+        stopped (CPython's ``_wait_for_tstate_lock``), and a second thread would
+        hand part of the backlog to a transport that is never installed. The
+        lock is taken here, in the thread itself, where no signal handler runs."""
+        if not self._running.acquire(blocking=False):
+            return
+        try:
+            if not self._done.is_set():
+                self._reconnect()
+        finally:
+            self._running.release()
+
+    def _reconnect(self) -> None:
         delay = 0.0
         while not self._stopped:
             time.sleep(delay)
@@ -404,6 +419,8 @@ class _Reconnecting(token.Guarded):
         try:
             while not self._stopped and transport.pump():
                 transport.idle()
+            if self._proxy._transport is not transport and not transport.diverted:
+                transport.close()  # never installed (the ProxyFile moved on): deliver, then let go
         except Exception:
             pass  # the file's error waits for the application's next call
         finally:

@@ -87,25 +87,35 @@ def _holders(owner: Any, holding: FrozenSet[CodeType]):
     me = threading.get_ident()
     mine = others = False
     for ident, frame in sys._current_frames().items():
-        f = frame
-        if ident == me:  # skip this thread's own call: up to take(), then the owner's frames that called it
-            while f is not None and f.f_code is not take.__code__:
-                f = f.f_back
-            f = f.f_back if f is not None else None
-            while f is not None and f.f_locals.get("self") is owner:
-                f = f.f_back
-        while f is not None:
-            if f.f_code is take.__code__ and f.f_locals.get("owner") is owner and ident != me:
-                others = others or bool(f.f_locals.get("got"))  # took it, not returned yet
-                break  # else: another thread waiting in line
-            if f.f_code in holding and f.f_locals.get("self") is owner:
-                if ident == me:
-                    mine = True
-                else:
-                    others = True
-                break
-            f = f.f_back
+        try:
+            here = _held_in(frame, ident == me, owner, holding)
+        except Exception:  # another thread's stack changed under us: assume it holds, look again later
+            here = ident != me
+        if here and ident == me:
+            mine = True
+        elif here:
+            others = True
     return mine, others
+
+
+def _held_in(frame: Any, own: bool, owner: Any, holding: FrozenSet[CodeType]) -> bool:
+    """Whether the stack that ``frame`` tops holds the token (for the caller's own
+    stack ``own``: further out than its call into :func:`take`)."""
+    f = frame
+    if own:  # skip this thread's own call: up to take(), then the owner's frames that called it
+        while f is not None and f.f_code is not take.__code__:
+            f = f.f_back
+        f = f.f_back if f is not None else None
+        while f is not None and f.f_locals.get("self") is owner:
+            f = f.f_back
+    while f is not None:
+        code = f.f_code
+        if code is take.__code__ and not own and f.f_locals.get("owner") is owner:
+            return bool(f.f_locals.get("got"))  # took it and not returned yet, or waiting in line
+        if code in holding and f.f_locals.get("self") is owner:
+            return True
+        f = f.f_back
+    return False
 
 
 def _restore(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> None:

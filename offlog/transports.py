@@ -56,7 +56,7 @@ from typing import Any, Callable, Deque, Optional, Union
 
 from . import protocol as P
 from . import token
-from .backlog import Backlog
+from .backlog import Backlog, Handover
 from .shm import ClientRing, unsupported_reason
 from .shm.ring import admit_all
 from .token import WAIT
@@ -158,6 +158,7 @@ class _Channel:
         self.framed = framed
         self.eof = False
         self.errored = False  # an ERROR frame came: the server is ending this connection
+        self.garbled = False  # a read was cut short: the rest of the stream cannot be parsed
         self.on_written: Callable[[int], None] = lambda position: None
         self._reader = P.FrameReader(P.SERVER_FRAMES)
         self._frames: Deque[P.Frame] = deque()
@@ -169,17 +170,24 @@ class _Channel:
         if self._lock.locked():
             return  # another thread is reading right now
         with self._lock:
-            while not self.eof:
-                try:
-                    chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    chunk = b""
-                if not chunk:
-                    self.eof = True
-                    return
-                self._take(chunk)
+            try:
+                while not self.eof:
+                    try:
+                        chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        return
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        self.eof = True
+                        return
+                    self._take(chunk)
+            except BaseException:
+                # Cut short between a recv and the parse of its bytes (an interrupt,
+                # or bytes that are no frame): the stream cannot be followed any
+                # more. The connection counts as ended; its owner gives it up.
+                self.garbled = self.eof = True
+                raise
 
     def _take(self, chunk: bytes) -> None:
         if self.framed:
@@ -331,7 +339,7 @@ class SocketTransport(token.Guarded):
         self._unconfirmed = Backlog()  # framed: payloads sent, not yet covered by WRITTEN
         self._in_send = False  # a frame is between send() and its bookkeeping
         self._broken = False  # an exception cut a send short: divert before anything else
-        self._handover: Optional[Backlog] = None  # what a divert is handing to on_lost
+        self._handover: Optional[Handover] = None  # what a divert is handing to on_lost
         self._tokens = itertools.count(1)
         self._error: Optional[BaseException] = None  # what the server reported, once
         self._diverted: Optional[Callable[[Buffer], None]] = None
@@ -378,7 +386,7 @@ class SocketTransport(token.Guarded):
                 if self._unconfirmed.end >= self._next_poll:
                     self._next_poll = self._unconfirmed.end + ACK_POLL
                     self._channel.poll()  # collects WRITTEN frames
-                    self._unconfirmed.forget_until(self._written)
+                    self._forget_written()
                 return
         except BaseException:
             self._interrupted_locked()
@@ -467,7 +475,7 @@ class SocketTransport(token.Guarded):
             if self._unconfirmed.end >= self._next_poll:
                 self._next_poll = self._unconfirmed.end + ACK_POLL
                 self._channel.poll()  # collects WRITTEN frames
-            self._unconfirmed.forget_until(self._written)
+            self._forget_written()
             self._update_slow()
 
     def _send_partial(self) -> bool:
@@ -514,7 +522,7 @@ class SocketTransport(token.Guarded):
         server got is unknown. Mark the connection broken (one store, so a second
         interrupt cannot half-do it); the next call diverts (re-sends every
         unconfirmed byte) before anything else goes out."""
-        if self._in_send:
+        if self._in_send or self._channel.garbled:
             self._broken = True
             self._slow = True
             self._in_send = False
@@ -554,10 +562,18 @@ class SocketTransport(token.Guarded):
         self._update_slow()
         return error.with_traceback(None)
 
+    def _forget_written(self) -> None:
+        """Token held: drop the payloads the server confirmed (not during a divert:
+        the unconfirmed backlog is then new, and WRITTEN speaks of the old one)."""
+        if self._handover is None:
+            self._unconfirmed.forget_until(self._written)
+
     def _note_written(self, position: int) -> None:
         """Any thread (a WRITTEN frame): the server wrote every payload byte before
-        ``position``; the unconfirmed backlog forgets them under the token."""
-        self._written = position
+        ``position``; the unconfirmed backlog forgets them under the token. A
+        position past what was sent is a lie, and forgets nothing."""
+        if position <= self._unconfirmed.end:
+            self._written = position
 
     def _divert_locked(self, why: BaseException) -> None:
         """Token held: hand every unconfirmed byte to ``on_lost``; forward later writes.
@@ -570,11 +586,16 @@ class SocketTransport(token.Guarded):
             return
         if self._handover is None:  # kept until on_lost took it: an interrupt in there loses nothing
             self._unconfirmed.forget_until(self._written)
-            self._handover, self._unconfirmed = self._unconfirmed, Backlog()
-        self._handover.absorb(self._backlog)
+            self._handover = Handover()
+        # By reference, then a new backlog: a retry never takes a part twice (a
+        # divert cut short also takes what was written on the dead socket since).
+        self._handover.take(self._unconfirmed)
+        self._unconfirmed = Backlog()
+        self._handover.take(self._backlog)
+        self._backlog = Backlog()
         self._partial = None
         self._release_control()
-        self._diverted = self.on_lost(self._handover)
+        self._diverted = self.on_lost(self._handover.merged())
         self._handover = None
         self._broken = False
         self._update_slow()

@@ -77,7 +77,7 @@ from collections import deque
 from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 from .. import token
-from ..backlog import Backlog
+from ..backlog import Backlog, Handover
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
 
@@ -151,7 +151,7 @@ class Producer(token.Guarded):
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._closed = False
         self._big: Optional[Tuple[int, bytes]] = None  # (head at its start, bytes) of an oversized write
-        self._handover: Optional[Backlog] = None  # what a divert is handing to its handler
+        self._handover: Optional[Handover] = None  # what a divert is handing to its handler
         self._divert_to: Any = None
         self._skip = 0
         self._limit = 0
@@ -236,14 +236,17 @@ class Producer(token.Guarded):
         self._limit = -1
         self._divert_to = make_handler
         if self._handover is None:  # kept until the handler took it: an interrupt in there loses nothing
-            handover = Backlog()
-            skip = self._unreleased_into(handover) if self._words is not None else 0
+            unreleased = Backlog()
+            skip = self._unreleased_into(unreleased) if self._words is not None else 0
+            handover = Handover()
+            handover.take(unreleased)
             self._handover, self._skip = handover, skip
         skip, self._skip = self._skip, 0
         if skip:
             self._backlog.consume(skip)  # an oversized write's unfed rest: it is in the handover whole
-        self._handover.absorb(self._backlog)
-        self._diverted = make_handler(self._handover)
+        self._handover.take(self._backlog)  # by reference, then a new backlog: never taken twice
+        self._backlog = Backlog()
+        self._diverted = make_handler(self._handover.merged())
         self._handover = None
 
     def take_backlog_locked(self, chunk: Backlog) -> bool:
