@@ -4,8 +4,8 @@ What it measures: either the time the *caller* spends in each write or log
 call (the ``timed`` mode: every call timed with ``time.perf_counter_ns``,
 optionally paced), or how long a batch of calls takes until its bytes are in
 the file (the ``bulk`` mode: timed once, from ``go`` until the system's sync
-point returns: ``flush()`` for offlog, ``close()`` for offlog 0.3.1, which has
-no flush, ``QueueListener.stop()`` for the stdlib queue; plain files and
+point returns: ``sync()`` for offlog, ``close()`` for offlog 0.3.1, which has
+no such barrier, ``QueueListener.stop()`` for the stdlib queue; plain files and
 ``FileHandler`` flush on every record already), or every call's latency
 while the parent kills or stops the server (the ``outage`` mode: numbered
 records, busy-paced; a call that raises ends the loop and is reported; the
@@ -78,7 +78,7 @@ def open_proxy_file(target: str, sock: Optional[str], *, shm: bool, timeout_ms: 
     from offlog import ProxyFile
 
     f = ProxyFile(target, sock, timeout_ms, shm=shm)
-    return Sink(f.write, f.flush, f.close, f.transport, lambda: f.backlog)
+    return Sink(f.write, f.sync, f.close, f.transport, lambda: f.backlog)
 
 
 def open_peer_proxy_file(target: str, sock: Optional[str], *, timeout_ms: int = TIMEOUT_MS) -> Sink:
@@ -105,7 +105,7 @@ def open_offlog_logger(target: str, sock: Optional[str]) -> Sink:
     log = Logger(
         "bench", target, stdout_level=None, stderr_level=None, offlog_socket_path=sock, offlog_timeout=TIMEOUT_MS
     )
-    return Sink(log.info, log.flush, log.close, log._file.transport)
+    return Sink(log.info, log.sync, log.close, log._file.transport)
 
 
 def open_offlog_handler(target: str, sock: Optional[str]) -> Sink:
@@ -113,7 +113,7 @@ def open_offlog_handler(target: str, sock: Optional[str]) -> Sink:
 
     handler = OfflogHandler(target, sock, timeout=TIMEOUT_MS)
     handler.setFormatter(logging.Formatter(LINE_FORMAT))
-    return Sink(_stdlib_logger(handler).info, handler.flush, handler.close, handler._file.transport)
+    return Sink(_stdlib_logger(handler).info, handler.sync, handler.close, handler._file.transport)
 
 
 def open_peer_logger(target: str, sock: Optional[str]) -> Sink:

@@ -6,7 +6,7 @@ of 16 B to 64 KiB; for offlog systems also the server's CPU time per record.
 How: each client is a worker process (``bulk`` mode) with its own file; all
 clients of a run are released together and the run lasts from the first
 client's start to the last client's sync point returning (offlog
-``flush()``, which returns once the server has written everything; 0.3.1
+``sync()``, which returns once the server has written everything; 0.3.1
 ``close()``, which returns once its server said BYE; plain files flush every
 record). Afterwards every file must have exactly the bytes written. A run
 writes ``min(max records, max bytes / size)`` records, split over the
@@ -103,7 +103,7 @@ def table(data: Dict[str, Any]) -> str:
     rounds = len(data["cells"][0]["runs"]["offlog-shm"])
     spread = f"median of {rounds} rounds; records/s spread between rounds up to {_spread(data):.0%}"
     note = (
-        "Throughput until the bytes are in the file (offlog: flush() returned; 0.3.1: close() returned); "
+        "Throughput until the bytes are in the file (offlog: sync() returned; 0.3.1: close() returned); "
         f"each client a process with its own file; {spread if rounds > 1 else 'one round'}. " + report.RATIO_NOTE
     )
     return f"### 2. Throughput end to end\n\n{note}\n\n" + report.markdown_table(headers, rows, left=3)
