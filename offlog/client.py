@@ -50,7 +50,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Deque, Optional, Union
+from typing import Any, Callable, Deque, Optional, Union
 
 from . import protocol as P
 from . import token
@@ -230,8 +230,12 @@ class ProxyFile:
 
     def _after_fork_in_child(self) -> None:
         if not self.closed:
-            self._transport.detach()
+            self._transport.detach(self._write_after_fork)
             self._install(_AfterFork(self))
+
+    def _write_after_fork(self, data: Buffer) -> None:
+        """Where a ``write`` bound before the fork sends the child's bytes."""
+        self.write(data)
 
     def __enter__(self) -> "ProxyFile":
         return self
@@ -260,7 +264,7 @@ class _Closed:
     def close(self) -> None:
         pass
 
-    def detach(self) -> None:
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
         pass
 
 
@@ -313,6 +317,8 @@ class _Reconnecting(token.Guarded):
 
     def _write_locked(self, view: memoryview) -> Any:
         self._take_reentered()
+        if self._diverted is not None:  # forked: the child's own connection
+            return self._diverted
         if self._replacement is not None:
             return self._replacement.write  # a thread that raced the switch
         if self._closed:
@@ -455,10 +461,12 @@ class _Reconnecting(token.Guarded):
             raise
         transport.close()
 
-    def detach(self) -> None:
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
         self._stopped = True
         self._backlog = Backlog()
         self._reentered.clear()
+        self._token = token.new()
+        self._diverted = forward
 
 
 _Reconnecting.HOLDING = token.holding(_Reconnecting._hand_over)
@@ -496,7 +504,7 @@ class _AfterFork:
     def close(self) -> None:
         pass
 
-    def detach(self) -> None:
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
         pass
 
 

@@ -796,13 +796,17 @@ class SocketTransport(token.Guarded):
         self._divert_locked(error)
         raise error
 
-    def detach(self) -> None:
-        """After fork: the parent owns the connection and the backlog."""
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
+        """After fork: the parent owns the connection and the backlog; a write
+        through a bound ``write`` kept from before the fork goes to ``forward``
+        (the child's own connection)."""
         self._token = token.new()
         self._backlog = Backlog()
         self._unconfirmed = Backlog()
+        self._reentered.clear()
         self._partial = None
-        self._closed = True
+        self._diverted = forward
+        self._update_slow()
         self._sock.close()
 
 
@@ -1022,9 +1026,9 @@ class ShmTransport(SocketTransport):
             producer._closed = True
             raise error
 
-    def detach(self) -> None:
-        self._producer.detach()
-        super().detach()
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
+        self._producer.detach(forward)
+        super().detach(forward)
 
 
 SocketTransport.HOLDING = token.holding(SocketTransport.write, SocketTransport.locked, SocketTransport.pump)

@@ -118,6 +118,29 @@ print(json.dumps(statuses))
     assert_exactly_once(target.read_bytes(), expected)
 
 
+def test_a_write_method_bound_before_fork_goes_to_the_childs_connection(transport_server, workdir, procs):
+    """``write = f.write`` kept from before the fork (a common hot-loop idiom): in the child it
+    writes through the child's own connection, never into the parent's ring or socket."""
+    target = workdir / "bound.log"
+    shm = transport_server.transport == "shm"
+    code = f"""
+f = offlog.ProxyFile({str(target)!r}, {transport_server.sock!r}, shm={shm!r})
+write = f.write
+write(record("P", 0))
+pid = os.fork()
+if pid == 0:
+    for n in range(100):
+        write(record("C", n))
+    os._exit(0)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+write(record("P", 1))
+f.close()
+print(json.dumps(status))
+"""
+    assert run(procs, workdir, code) == 0
+    assert_exactly_once(target.read_bytes(), keys("P", range(2)) | keys("C", range(100)))
+
+
 def test_spawn_children_deliver_every_record(transport_server, workdir, procs):
     """Spawned children configure their own handler and end without closing it."""
     target = workdir / "spawn.log"

@@ -297,12 +297,14 @@ class Producer(token.Guarded):
         if self._words is not None and self._words[STATE_WORD] == layout.SLEEPING:
             self._doorbell()
 
-    def detach(self) -> None:
-        """Forget the mapping (after fork: this process must never write into it)."""
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
+        """After fork: forget the mapping (this process must never write into it);
+        a write through a bound ``write`` kept from before the fork goes to ``forward``."""
         self._limit = -1
         self._words = self._data = None  # type: ignore[assignment]
         self._backlog = Backlog()
         self._reentered.clear()
+        self._diverted = forward
         self._token = token.new()  # another thread of the parent may have held it at the fork
 
     # -- slow path -------------------------------------------------------------
