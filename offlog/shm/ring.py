@@ -169,9 +169,9 @@ class Producer(token.Guarded):
         # sleeps (then one sem_post). ``_limit`` folds three checks into one:
         # room left before the cached tail, the end of this lap of the ring,
         # and "take the slow path" (backlog, interrupt, divert, close: -1).
-        token = self._token
-        try:
-            token.pop()
+        tok = self._token  # (not "token": that name is an import here, and the compiler
+        try:  # would look ``tok.pop`` up as an attribute instead of a method call)
+            tok.pop()
         except IndexError:
             return self._write_slow(data)
         try:
@@ -194,7 +194,7 @@ class Producer(token.Guarded):
             self._resync()  # interrupted between the copy and the publish
             raise
         finally:
-            token.append(True)
+            tok.append(True)
         return self._write_slow(data)
 
     def pump(self) -> int:
