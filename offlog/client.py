@@ -43,7 +43,6 @@ transports:
 from __future__ import annotations
 
 import atexit
-import multiprocessing.util
 import os
 import sys
 import threading
@@ -530,15 +529,29 @@ def _after_fork_in_child() -> None:
 def _register_exit_in_worker(_: Any) -> None:
     """In a multiprocessing child: close every ProxyFile at its exit (it ends
     with os._exit, so atexit does not run)."""
-    multiprocessing.util.Finalize(None, _close_all, exitpriority=10)
+    sys.modules["multiprocessing.util"].Finalize(None, _close_all, exitpriority=10)
 
 
 class _AfterForkHook:
-    pass
+    """multiprocessing keeps its after-fork hooks by weak reference: this one lives here."""
+
+    registered = False
 
 
-_after_fork_hook = _AfterForkHook()  # multiprocessing keeps its hooks by weak reference
-multiprocessing.util.register_after_fork(_after_fork_hook, _register_exit_in_worker)
+_after_fork_hook = _AfterForkHook()
+
+
+def _before_fork() -> None:
+    """Just before a fork: if multiprocessing is in use (it is imported before it
+    forks a worker), have its children close our ProxyFiles at their exit. Done
+    here rather than at import, so a process that never uses multiprocessing
+    never imports it."""
+    util = sys.modules.get("multiprocessing.util")
+    if util is not None and not _after_fork_hook.registered:
+        util.register_after_fork(_after_fork_hook, _register_exit_in_worker)
+        _after_fork_hook.registered = True
+
+
 atexit.register(_close_all)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
