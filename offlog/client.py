@@ -260,6 +260,9 @@ class _Closed:
     def write(self, data: Buffer) -> None:
         raise ValueError("write to a closed ProxyFile")
 
+    def flush(self) -> None:
+        raise ValueError("flush of a closed ProxyFile")
+
     def close(self) -> None:
         pass
 
@@ -337,24 +340,31 @@ class _Reconnecting(token.Guarded):
         pass  # nothing can go anywhere until the server is back
 
     # -- the reconnect thread ------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, until: Optional[Deadline] = None) -> None:
         """One reconnect thread per reconnector, whatever start() saw: an
         interrupt inside ``Thread.is_alive()`` can make a running thread look
         stopped (CPython's ``_wait_for_tstate_lock``), and a second thread would
         hand part of the backlog to a transport that is never installed. The
-        lock is taken here, in the thread itself, where no signal handler runs."""
+        lock is taken here, in the thread itself, where no signal handler runs.
+        With ``until``, a caller that may block (sync, close) reconnects itself,
+        because no thread could be started (at exit, or a thread limit)."""
         if not self._running.acquire(blocking=False):
             return
         try:
             if not self._done.is_set():
-                self._reconnect()
+                self._reconnect(until)
         finally:
             self._running.release()
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, until: Optional[Deadline]) -> None:
         delay = 0.0
         while not self._stopped:
-            time.sleep(delay)
+            try:
+                time.sleep(delay if until is None else until.step(delay))
+                if until is not None:
+                    until.left()
+            except TimeoutError:
+                return
             delay = min(max(delay * 2, RETRY_FIRST), RETRY_MAX)
             try:
                 transport = open_transport(
@@ -373,7 +383,8 @@ class _Reconnecting(token.Guarded):
             transport.on_lost = self._lost_in_hand_over
             if self._hand_over(transport):
                 self._done.set()
-                self._pump(transport)
+                if until is None:  # (an inline reconnect's caller drains the backlog itself)
+                    self._pump(transport)
                 return
 
     def _hand_over(self, transport: SocketTransport) -> bool:
@@ -439,6 +450,8 @@ class _Reconnecting(token.Guarded):
 
     def _await(self, timeout_ms: Optional[float]) -> SocketTransport:
         self.start()
+        if self._thread is None and not self._done.is_set():  # no thread to be had: reconnect here
+            self._run(Deadline(timeout_ms))
         if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000.0):
             raise TimeoutError(
                 f"the offlog server at {self._proxy.sock_path} did not come back in time: "
@@ -456,9 +469,20 @@ class _Reconnecting(token.Guarded):
         try:
             transport = self._await(self._proxy.timeout)
         except BaseException:
-            self._stopped = True
+            self._give_up()
             raise
         transport.close()
+
+    def _give_up(self) -> None:
+        """close() failed: stop reconnecting; a write racing it raises ValueError
+        (under the token, so none slips into a backlog that nothing will send)."""
+        if self._take():
+            try:
+                self._stopped = self._closed = True
+            finally:
+                self._token.append(True)
+        else:  # a signal handler that interrupted a write of ours
+            self._stopped = self._closed = True
 
     def detach(self, forward: Callable[[Buffer], None]) -> None:
         self._stopped = True
@@ -481,17 +505,28 @@ class _AfterFork:
     def __init__(self, proxy: ProxyFile) -> None:
         self._proxy = proxy
         self._lock = threading.Lock()
+        self._opener: Optional[int] = None  # the thread opening the child's connection
+        self._early: Deque[bytes] = deque()  # from signal handlers that interrupted the open
 
     def write(self, data: Buffer) -> None:
         proxy = self._proxy
+        if self._opener == threading.get_ident():  # a signal handler re-entering our own open
+            self._early.append(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+            return
         with self._lock:
-            if proxy._transport is self:
-                try:
-                    proxy._install(proxy._open_transport())
-                except Exception as exc:
-                    if not proxy.reconnect or (reported_by_server(exc) and not server_gone(exc)):
-                        raise
-                    proxy._server_lost(Backlog())  # no server now: queue, reconnect in the background
+            try:
+                self._opener = threading.get_ident()
+                if proxy._transport is self:
+                    try:
+                        proxy._install(proxy._open_transport())
+                    except Exception as exc:
+                        if not proxy.reconnect or (reported_by_server(exc) and not server_gone(exc)):
+                            raise
+                        proxy._server_lost(Backlog())  # no server now: queue, reconnect in the background
+            finally:
+                self._opener = None
+        while self._early:
+            proxy._transport.write(self._early.popleft())
         proxy._transport.write(data)
 
     def flush(self) -> None:

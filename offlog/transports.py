@@ -707,16 +707,20 @@ class SocketTransport(token.Guarded):
         """Token held: queue a control frame after every DATA frame; return the
         payload position it follows."""
         self._report_dropped_locked()
-        self._queue_control(message)
-        return self._unconfirmed.end
+        return self._queue_control(message)
 
-    def _queue_control(self, message: bytes) -> None:
+    def _queue_control(self, message: bytes) -> int:
+        """Token held: the frame goes out right after the frame now in flight;
+        returns the payload position it follows (what is framed after it is not
+        covered by its answer)."""
         if self._partial is None and not self._backlog:
             self._partial = memoryview(message)
-        else:  # behind data still queued: it goes out when the backlog has
+        else:
             self._pump_locked()
             self._partial = memoryview(bytes(self._partial or b"") + message)
+        position = self._unconfirmed.end
         self._pump_locked()
+        return position
 
     def _report_dropped_locked(self) -> None:
         """Tell the server how many bytes the queue limit dropped (for its status and log)."""

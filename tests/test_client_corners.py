@@ -198,6 +198,36 @@ print(json.dumps({{"accepted": accepted, "other": other, "stuck": sum(th.is_aliv
             raise AssertionError(f"trial {trial}: {exc}") from None
 
 
+def test_a_write_racing_a_failed_close_raises_value_error(start_server, workdir, procs):
+    """The server is gone for good and close() times out: a write through a ``write`` bound
+    before (a thread that raced the close) raises ValueError, never vanishes into a backlog."""
+    server = start_server("--shm")
+    target = workdir / "failedclose.log"
+    code = f"""
+import signal
+f = offlog.ProxyFile({str(target)!r}, {server.sock!r}, timeout=300)
+write = f.write
+write(record("A", 0))
+f.sync()
+os.kill({server.pid}, signal.SIGKILL)
+time.sleep(0.3)
+write(record("A", 1))  # accepted into the reconnect's backlog
+try:
+    f.close()
+    outcome = "closed"
+except TimeoutError:
+    outcome = "timeout"
+try:
+    write(record("A", 2))
+    late = "accepted"
+except ValueError:
+    late = "ValueError"
+print(json.dumps([outcome, late, f.closed, f.transport, f.backlog > 0]))
+"""
+    result = run(procs, workdir, code, "a close() without a server hung")
+    assert result == ["timeout", "ValueError", True, "closed", True]
+
+
 def test_closed_proxyfile_answers(transport_server, workdir):
     f = offlog.ProxyFile(str(workdir / "closed.log"), transport_server.sock)
     f.write(b"one\n")

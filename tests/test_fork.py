@@ -11,6 +11,7 @@ record must be in the file exactly once and whole.
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
 from driver import run_script
@@ -139,6 +140,37 @@ print(json.dumps(status))
 """
     assert run(procs, workdir, code) == 0
     assert_exactly_once(target.read_bytes(), keys("P", range(2)) | keys("C", range(100)))
+
+
+def test_a_signal_handler_writing_during_a_childs_first_write_is_queued(transport_server, workdir, procs):
+    """The child's first write opens its connection (the server is stopped, so the handshake
+    waits); a timer's handler writes meanwhile to the same ProxyFile: queued, not a deadlock."""
+    target = workdir / "firstwrite.log"
+    shm = transport_server.transport == "shm"
+    code = f"""
+import signal, time
+f = offlog.ProxyFile({str(target)!r}, {transport_server.sock!r}, shm={shm!r}, timeout=20000)
+f.write(record("P", 0))
+os.kill({transport_server.pid}, signal.SIGSTOP)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGALRM, lambda signum, frame: f.write(record("H", 0)))
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    f.write(record("C", 0))  # opens the child's connection: waits for the stopped server
+    f.write(record("C", 1))
+    f.close()
+    os._exit(0)
+time.sleep(1.0)
+os.kill({transport_server.pid}, signal.SIGCONT)
+status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+f.close()
+print(json.dumps(status))
+"""
+    try:
+        assert run(procs, workdir, code) == 0
+    finally:
+        transport_server.signal(signal.SIGCONT)
+    assert_exactly_once(target.read_bytes(), keys("P", [0]) | keys("H", [0]) | keys("C", range(2)))
 
 
 def test_spawn_children_deliver_every_record(transport_server, workdir, procs):
