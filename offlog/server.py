@@ -12,7 +12,11 @@ handshake and data go on (no head-of-line blocking). Files are shared through
 
 The first bytes of a connection decide its dialect (see
 :mod:`offlog.protocol`): a 0.x client sends a path; a current client sends
-the framed preamble and an OPEN frame, and may be offered a ring.
+the framed preamble and an OPEN frame, and may be offered a ring. An EOF
+inside the preamble makes the connection legacy (its ``\0`` ended an empty
+path, which is refused); an EOF before the path or the first frame is whole
+ends it without an answer. BYE is only ever said when every byte of the
+client's is written: an EOF inside a frame is a protocol error.
 
 A ring session waits on its ring's doorbell semaphore, so it cannot also
 block in ``recv``: a :class:`~offlog.watcher.Watcher` thread watches the control sockets
@@ -375,7 +379,10 @@ class Session:
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
         buf = self._recv_handshake()
         while len(buf) < len(P.CLIENT_PREAMBLE) and P.CLIENT_PREAMBLE.startswith(buf):
-            buf += self._recv_handshake()
+            more = self._recv_handshake(eof_ok=True)
+            if not more:
+                break  # EOF inside the preamble: a legacy client, whose path (empty) is complete
+            buf += more
         if buf.startswith(P.CLIENT_PREAMBLE):
             self.framed = True
             self.sock.sendall(P.SERVER_PREAMBLE)
@@ -384,7 +391,8 @@ class Session:
         self.framed = False
         return self._legacy_handshake(buf)
 
-    def _recv_handshake(self) -> bytes:
+    def _recv_handshake(self, eof_ok: bool = False) -> bytes:
+        """The next bytes of the handshake; EOF ends the session (returns b"" if ``eof_ok``)."""
         try:
             chunk = self.sock.recv(RECV_SIZE)
         except socket.timeout:
@@ -392,6 +400,8 @@ class Session:
         if not chunk:
             if self.server.stopping:
                 raise SERVER_EXITED
+            if eof_ok:
+                return chunk
             self.server.info(f"Client {self.id} disconnected during the handshake")
             raise ClientGone()
         return chunk
@@ -552,11 +562,11 @@ class Session:
     def _finish(self) -> None:
         """EOF from the client: everything is written; say BYE (or that we exit)."""
         self._drain_ring()
-        if self._reader.pending:
-            self.server.warn(
-                f"Client {self.id} closed in the middle of a frame: {self._reader.pending} bytes of an"
-                " incomplete write discarded"
-            )
+        pending = self._reader.pending
+        if pending:  # never BYE: that says every byte is written
+            if not self.server.stopping:
+                raise P.ProtocolError(f"end of data in the middle of a frame: {pending} bytes discarded")
+            self.server.info(f"Client {self.id} cut off in the middle of a frame: {pending} bytes unwritten")
         if self.server.stopping:
             if self.ring is not None:
                 self.ring.consumer.fail(errno.ESHUTDOWN)
