@@ -4,54 +4,64 @@ Theory of operation
 -------------------
 Every transport keeps what it cannot hand over yet in a :class:`Backlog`,
 and the socket transport also keeps the bytes the server has not confirmed
-as written in one. A backlog is one ``bytearray`` of bytes, in order, and one
-``array('Q')`` of record ends (absolute positions): no object per record, so
-memory is the bytes plus 8 per record (1.08x for 100-byte records, about
-1.1x with the bytearray's growth slack), and nothing for the garbage
-collector to walk however long the backlog grows. Taking from the front is
-cheap: CPython's ``bytearray`` deletes a prefix by moving its start, and the
-ends array is compacted only when half of it is consumed.
+as written in one. A backlog is a deque of *segments* (``bytearray``\\ s of
+about ``SEGMENT`` bytes) and one ``array('Q')`` of record ends (absolute
+positions): no object per record, so memory is the bytes plus 8 per record
+(1.08x for 100-byte records, about 1.1x with the bytearrays' growth slack),
+and nothing for the garbage collector to walk however long it grows.
+
+Segments keep every step short whatever the backlog's size. A record never
+spans two segments (one larger than ``SEGMENT`` gets a segment of its own),
+so whole records are always taken from the first segment. Taking from the
+front deletes a prefix of the first segment (CPython moves the bytearray's
+start; when it shrinks below half it copies at most a segment) or drops a
+whole segment; moving a backlog into another (:meth:`absorb`, a hand-over)
+moves segments, never bytes.
 
 Record ends let a consumer take whole records only (:meth:`whole`), so a
 record that fits where it goes never arrives split.
+
+Every method keeps the backlog usable if an exception (a ``KeyboardInterrupt``
+from a signal handler) stops it between two statements: positions move before
+bytes go, so an interrupted :meth:`consume` can make bytes be handed over
+twice, never lost; :meth:`repair` re-derives the byte count and turns a tail
+without its end (an interrupted :meth:`append`) into a record; the index of
+the first live end is re-derived on every read.
 """
 
 from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from typing import Iterator, Union
+from collections import deque
+from typing import Deque, Iterator, List, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 
+#: Bytes a segment grows to before the next record starts a new one.
+SEGMENT = 1 << 20
+
 
 class Backlog:
-    """Records in order: one bytearray, one array of record ends.
-
-    Every method keeps the backlog usable if an exception (a
-    ``KeyboardInterrupt`` from a signal handler) stops it between two of its
-    statements: positions move before bytes go, so an interrupted
-    :meth:`consume` can only make bytes be handed over twice, never lost; a
-    tail without its end (an interrupted :meth:`append`) is taken as one
-    record; the index of the first live end is re-derived on every read.
-    """
+    """Records in order: segments of bytes, one array of record ends."""
 
     def __init__(self) -> None:
-        self._bytes = bytearray()
+        self._segments: Deque[bytearray] = deque()
+        self._sealed = 0  # bytes in every segment but the last
         self._ends = array("Q")
         self._first = 0  # a hint: no end before this index is after ``start``
-        self.start = 0  # absolute position of self._bytes[0]
+        self.start = 0  # absolute position of the first byte
 
     def __len__(self) -> int:
-        return len(self._bytes)
+        return self._sealed + len(self._segments[-1]) if self._segments else 0
 
     def __bool__(self) -> bool:
-        return bool(self._bytes)
+        return len(self) > 0
 
     @property
     def end(self) -> int:
         """Absolute position after the last byte."""
-        return self.start + len(self._bytes)
+        return self.start + len(self)
 
     def _front(self) -> int:
         """Index of the first record end after ``start``."""
@@ -60,57 +70,112 @@ class Backlog:
 
     def append(self, data: Buffer) -> None:
         """Add one record (a copy: the caller may reuse its buffer)."""
-        self._bytes += data
-        self._ends.append(self.start + len(self._bytes))
+        segments = self._segments
+        if not segments or (segments[-1] and len(segments[-1]) + len(data) > SEGMENT):
+            self._seal()
+        segments[-1] += data
+        self._ends.append(self.end)
+
+    def _recount(self) -> None:
+        segments = self._segments
+        self._sealed = sum(map(len, segments)) - (len(segments[-1]) if segments else 0)
+
+    def _seal(self) -> None:
+        """Start a new last segment."""
+        if self._segments:
+            self._sealed += len(self._segments[-1])
+        self._segments.append(bytearray())
 
     def extend(self, other: "Backlog") -> None:
-        """Add every record of ``other``, in order (``other`` is left as it was)."""
+        """Add every record of ``other``, in order (a copy; ``other`` is left as it was)."""
         shift = self.end - other.start
-        self._bytes += other._bytes
-        self._ends.extend(e + shift for e in other._ends[other._front() :] if e <= other.end)
-        if len(self._ends) and self._ends[-1] < self.end:
-            self._ends.append(self.end)  # ``other`` ended in an unterminated tail
+        for segment in other._segments:
+            self._seal()
+            self._segments[-1] += segment
+        self._add_ends(other, shift)
+
+    def _add_ends(self, other: "Backlog", shift: int) -> None:
+        ends = other._ends[other._front() :]
+        while len(ends) and ends[-1] > other.end:
+            ends.pop()
+        if shift == 0:
+            self._ends.extend(ends)  # at C speed
+        else:
+            self._ends.extend(e + shift for e in ends)
+        if (self._ends[-1] if len(self._ends) else self.start) < self.end:
+            self._ends.append(self.end)  # ``other`` ended in a tail without its end
 
     def absorb(self, other: "Backlog") -> None:
         """Move every record of ``other`` to the end of this one, leaving ``other``
-        empty (no copy when this one is empty: the buffers change hands)."""
-        if self._bytes:
-            self.extend(other)
-            other.clear()
+        empty. Segments change hands; no byte is copied."""
+        if not other:
             return
-        self._bytes, other._bytes = other._bytes, bytearray()
-        self._ends, other._ends = other._ends, array("Q")
-        self._first, other._first = other._first, 0
-        self.start, other.start = other.start, other.end
+        if not self:
+            self.start = other.start
+            self._ends = array("Q")
+            self._first = 0
+        shift = self.end - other.start
+        self._segments.extend(segment for segment in other._segments if segment)
+        self._segments.append(bytearray())  # appends go to a fresh segment
+        self._recount()
+        self._add_ends(other, shift)
+        end = self.end
+        other.__init__()  # type: ignore[misc]
+        other.start = end
 
     def whole(self, limit: int) -> int:
-        """Bytes of the longest run of whole records from the front that fits ``limit``
-        (0 if the first record alone is larger)."""
+        """Bytes of the longest run of whole records from the front that fits
+        ``limit`` (0 if the first record alone is larger); always within the
+        first segment, so :meth:`view` can show them in one piece."""
+        if not self:
+            return 0
+        self._drop_empty()
         i = self._front()
-        j = bisect_right(self._ends, self.start + min(limit, len(self._bytes)), i)
+        j = bisect_right(self._ends, self.start + min(limit, len(self._segments[0])), i)
         return 0 if j == i else self._ends[j - 1] - self.start
 
     def first_record(self) -> int:
-        """Size of the first record (an unterminated tail counts as one)."""
-        if not self._bytes:
+        """Size of the first record (a tail without its end counts as one)."""
+        if not self:
             return 0
+        self._drop_empty()
         i = self._front()
-        if i < len(self._ends):
-            return min(self._ends[i], self.end) - self.start
-        return len(self._bytes)
+        in_segment = len(self._segments[0])
+        return min(self._ends[i] - self.start, in_segment) if i < len(self._ends) else in_segment
 
     def view(self, n: int) -> memoryview:
-        """The first ``n`` bytes; release it (``with``) before changing the backlog."""
-        return memoryview(self._bytes)[:n]
+        """The first ``n`` bytes (at most what :meth:`whole` or :meth:`first_record`
+        returned); release it (``with``) before changing the backlog."""
+        self._drop_empty()
+        return memoryview(self._segments[0])[:n]
 
     def consume(self, n: int) -> None:
         """Forget the first ``n`` bytes (a record cut in two keeps its end)."""
         self.start += n
-        del self._bytes[:n]
+        segments = self._segments
+        while n and segments:
+            first = segments[0]
+            if n < len(first):
+                if len(segments) > 1:
+                    self._sealed -= n
+                del first[:n]
+                break
+            n -= len(first)
+            if len(segments) == 1:
+                first.clear()
+                break
+            segments.popleft()
+            self._sealed -= len(first)
         i = self._front()
         if i > 1024 and i * 2 > len(self._ends):
             self._first = 0
             del self._ends[:i]
+
+    def _drop_empty(self) -> None:
+        """Empty segments at the front (after a consume, or an absorb) go."""
+        segments = self._segments
+        while len(segments) > 1 and not segments[0]:
+            segments.popleft()
 
     def forget_until(self, position: int) -> None:
         """Forget every byte before absolute ``position`` (if it is ahead of the start)."""
@@ -119,20 +184,23 @@ class Backlog:
 
     def records(self) -> Iterator[bytes]:
         """Each record as bytes, in order (slow: for hand-overs and tests)."""
+        data = b"".join(self._segments)
         begin = self.start
-        with memoryview(self._bytes) as view:
-            for e in self._ends[self._front() :]:
-                yield bytes(view[begin - self.start : e - self.start])
-                begin = e
-            if begin < self.end:
-                yield bytes(view[begin - self.start :])
+        for e in self._ends[self._front() :]:
+            if e > self.end:
+                break
+            yield data[begin - self.start : e - self.start]
+            begin = e
+        if begin < self.end:
+            yield data[begin - self.start :]
 
     def clear(self) -> None:
-        self.consume(len(self._bytes))
+        self.consume(len(self))
 
     def repair(self) -> None:
-        """After an interrupt between the two steps of :meth:`append`: make the
-        ends agree with the bytes again (an unterminated tail becomes a record)."""
+        """After an interrupt inside a method: re-derive the byte count, and make
+        the ends agree with the bytes (a tail without its end becomes a record)."""
+        self._recount()
         while len(self._ends) > self._front() and self._ends[-1] > self.end:
             self._ends.pop()
         last = self._ends[-1] if len(self._ends) > self._front() else self.start
@@ -145,13 +213,12 @@ class Handover:
 
     A divert can be cut short by an interrupt and tried again. Parts are
     kept as the objects they were (a part already taken is recognised, never
-    taken twice) and copied into one backlog only by :meth:`merged`, which
-    changes no part: an interrupt anywhere leaves a retry with exactly what
-    the first try had.
+    taken twice), and :meth:`merged` only reads them: an interrupt anywhere
+    leaves a retry with exactly what the first try had.
     """
 
     def __init__(self) -> None:
-        self.parts: list = []
+        self.parts: List[Backlog] = []
 
     def take(self, part: Backlog) -> None:
         """Add ``part`` (whose owner then starts a new backlog) unless it is here already."""
@@ -159,7 +226,19 @@ class Handover:
             self.parts.append(part)
 
     def merged(self) -> Backlog:
+        """One backlog of every part, in order. Its segments are the parts'
+        (no byte is copied: the parts are never used again), and its positions
+        are the last part's (usually the largest), so only the others' record
+        ends are shifted."""
         out = Backlog()
+        if not self.parts:
+            return out
+        out.start = max(0, self.parts[-1].start - sum(len(p) for p in self.parts[:-1]))
         for part in self.parts:
-            out.extend(part)
+            shift = out.end - part.start
+            out._segments.extend(s for s in part._segments if s)
+            out._recount()
+            out._add_ends(part, shift)
+        out._segments.append(bytearray())
+        out._recount()
         return out

@@ -317,6 +317,9 @@ class _Reconnecting(token.Guarded):
         self._limit.check_wait(since)  # type: ignore[union-attr]
         self._done.wait(WAIT_STEP * 10)
 
+    def _after_exception(self) -> None:
+        self._backlog.repair()
+
     def _write_locked(self, view: memoryview) -> Any:
         self._take_reentered()
         if self._diverted is not None:  # forked: the child's own connection

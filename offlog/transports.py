@@ -95,7 +95,11 @@ class ServerGone(Exception):
 
 
 def server_gone(exc: BaseException) -> bool:
-    """True if ``exc`` means the server went away, not that the file failed."""
+    """True if ``exc`` means the server went away, not that the file failed.
+    What the server itself reports is about the file (a FIFO's EPIPE, a network
+    file system's ETIMEDOUT) unless it says it is exiting."""
+    if reported_by_server(exc):
+        return (isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN) or "offlog server exited" in str(exc)
     if isinstance(exc, (EOFError, ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno == errno.ESHUTDOWN:
@@ -522,6 +526,8 @@ class SocketTransport(token.Guarded):
         server got is unknown. Mark the connection broken (one store, so a second
         interrupt cannot half-do it); the next call diverts (re-sends every
         unconfirmed byte) before anything else goes out."""
+        self._backlog.repair()  # an append or consume cut in two: make it whole again
+        self._unconfirmed.repair()
         if self._in_send or self._channel.garbled:
             self._broken = True
             self._slow = True
@@ -530,8 +536,6 @@ class SocketTransport(token.Guarded):
     def _divert_if_broken(self) -> None:
         """Token held: a send was interrupted; this connection is never used again."""
         if self._broken and self._diverted is None:
-            self._backlog.repair()
-            self._unconfirmed.repair()
             self._divert_locked(BrokenPipeError("offlog: a send was interrupted; the connection was dropped"))
 
     def _lost_locked(self) -> None:

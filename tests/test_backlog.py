@@ -7,8 +7,9 @@ import threading
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from offlog import backlog as backlog_module
 from offlog import token
-from offlog.backlog import Backlog
+from offlog.backlog import Backlog, Handover
 
 records = st.lists(st.binary(min_size=1, max_size=40), max_size=30)
 
@@ -31,8 +32,20 @@ class Model:
 
 
 @settings(max_examples=300, deadline=None)
-@given(records, st.lists(st.tuples(st.sampled_from(["consume", "whole", "absorb"]), st.integers(0, 200)), max_size=30))
-def test_backlog_keeps_bytes_and_record_ends_through_any_sequence(first, steps):
+@given(
+    records,
+    st.lists(st.tuples(st.sampled_from(["consume", "whole", "absorb", "append"]), st.integers(0, 200)), max_size=30),
+    st.sampled_from([16, 1 << 20]),
+)
+def test_backlog_keeps_bytes_and_record_ends_through_any_sequence(first, steps, segment):
+    saved, backlog_module.SEGMENT = backlog_module.SEGMENT, segment  # small segments: many of them
+    try:
+        run_steps(first, steps)
+    finally:
+        backlog_module.SEGMENT = saved
+
+
+def run_steps(first, steps):
     backlog, model = Backlog(), Model()
     for r in first:
         backlog.append(r)
@@ -42,6 +55,10 @@ def test_backlog_keeps_bytes_and_record_ends_through_any_sequence(first, steps):
             n = min(n, len(backlog))
             backlog.consume(n)
             model.consume(n)
+        elif action == "append":
+            record = bytes([n % 256]) * (n % 37 + 1)
+            backlog.append(record)
+            model.parts.append(record)
         elif action == "whole":
             expected, total = 0, 0
             for part in model.parts:
@@ -49,7 +66,17 @@ def test_backlog_keeps_bytes_and_record_ends_through_any_sequence(first, steps):
                     break
                 total += len(part)
                 expected = total
-            assert backlog.whole(n) == expected
+            if backlog:  # whole records, and all of them in the first segment: view() shows them in one piece
+                with backlog.view(backlog.whole(n)) as piece:
+                    assert bytes(piece) == b"".join(model.parts)[: backlog.whole(n)]
+                assert backlog.whole(n) <= expected
+                boundaries, total = {0}, 0
+                for part in model.parts:
+                    total += len(part)
+                    boundaries.add(total)
+                assert backlog.whole(n) in boundaries  # never a record cut short
+            else:
+                assert backlog.whole(n) == 0
         else:  # absorb: move everything into a new backlog that already holds a record
             other = Backlog()
             other.append(b"#")
@@ -72,11 +99,29 @@ def test_backlog_absorb_into_an_empty_backlog_hands_the_buffer_over():
     assert list(source.records()) == [b"three\n"]
 
 
+def test_a_handover_merges_its_parts_in_order_without_touching_them():
+    parts = []
+    for start, records in ((0, [b"a1", b"a2"]), (5000, [b"b1"]), (77, [b"c1", b"c22"])):
+        part = Backlog()
+        part.start = start
+        for r in records:
+            part.append(r)
+        parts.append(part)
+    handover = Handover()
+    for part in parts + parts[:1]:  # a retry offers a part again: taken once
+        handover.take(part)
+    merged = handover.merged()
+    assert list(merged.records()) == [b"a1", b"a2", b"b1", b"c1", b"c22"]
+    assert [list(p.records()) for p in parts] == [[b"a1", b"a2"], [b"b1"], [b"c1", b"c22"]]
+    merged.append(b"d1")
+    assert list(merged.records())[-1] == b"d1"
+
+
 def test_an_unterminated_tail_becomes_a_record():
     """What an append interrupted between its two steps leaves behind is still queued, as one record."""
     backlog = Backlog()
     backlog.append(b"whole\n")
-    backlog._bytes += b"tail"  # the first half of an interrupted append
+    backlog._segments[-1] += b"tail"  # the first half of an interrupted append
     assert backlog.first_record() == 6 and backlog.whole(100) == 6
     backlog.repair()
     assert list(backlog.records()) == [b"whole\n", b"tail"]
