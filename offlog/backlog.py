@@ -69,12 +69,15 @@ class Backlog:
         return i
 
     def append(self, data: Buffer) -> None:
-        """Add one record (a copy: the caller may reuse its buffer)."""
+        """Add one record (a copy: the caller may reuse its buffer). On the socket's
+        hot path: a bytearray extend and an array append, no other call."""
         segments = self._segments
-        if not segments or (segments[-1] and len(segments[-1]) + len(data) > SEGMENT):
+        last = segments[-1] if segments else None
+        if last is None or (last and len(last) + len(data) > SEGMENT):
             self._seal()
-        segments[-1] += data
-        self._ends.append(self.end)
+            last = segments[-1]
+        last += data
+        self._ends.append(self.start + self._sealed + len(last))
 
     def _recount(self) -> None:
         segments = self._segments
