@@ -170,10 +170,18 @@ class Server:
         sel.close()
         self._shutdown()
 
+    @property
+    def wakeup_fd(self) -> int:
+        """Writing to it wakes serve_forever's select()."""
+        return self._wake_w
+
     def request_stop(self) -> None:
         """Signal-safe: ask serve_forever to stop."""
         self.stopping = True
-        os.write(self._wake_w, b"s")
+        try:
+            os.write(self._wake_w, b"s")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
 
     def request_reopen(self) -> None:
         """Signal-safe: reopen every file (SIGHUP), on the rotation watcher's thread."""
@@ -719,6 +727,12 @@ def install_signal_handlers(server: Server) -> None:
     def stop(signum, frame):
         server.request_stop()
 
+    # The kernel may deliver a signal to any thread (a session's, the rotation
+    # watcher's); CPython runs the handler in the main thread only when that
+    # thread next runs bytecode. The wakeup fd makes the signal itself wake the
+    # main thread's select(), so a SIGTERM is never left waiting.
+    os.set_blocking(server.wakeup_fd, False)
+    signal.set_wakeup_fd(server.wakeup_fd)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     if hasattr(signal, "SIGUSR1"):

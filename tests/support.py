@@ -156,10 +156,17 @@ class ServerProcess:
         self.proc.send_signal(signum)
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM and wait: the graceful stop."""
+        """SIGTERM and wait: the graceful stop. A server that does not stop in
+        time is asked for its threads' stacks (SIGUSR1), which the failure shows."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            if self.pythonpath is None:  # ours: SIGUSR1 dumps every thread's stack
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1.0)
+            raise AssertionError(f"the server did not stop within {timeout} s:\n{self.output()[-6000:]}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
