@@ -349,7 +349,7 @@ class SocketTransport(token.Guarded):
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._closed = False
         self._slow = not self._framed  # the hot path does not apply (see _update_slow)
-        self._next_poll = ACK_POLL
+        self._until_poll = ACK_POLL  # payload bytes to send before WRITTEN frames are read
         self._written = 0  # payload position the server's last WRITTEN confirmed
         channel.on_written = self._note_written
 
@@ -387,10 +387,9 @@ class SocketTransport(token.Guarded):
                 self._in_send = False
                 if sent < 0:
                     return self._lost_locked()  # the record is in _unconfirmed: it goes on
-                if self._unconfirmed.end >= self._next_poll:
-                    self._next_poll = self._unconfirmed.end + ACK_POLL
-                    self._channel.poll()  # collects WRITTEN frames
-                    self._forget_written()
+                self._until_poll -= len(data)
+                if self._until_poll <= 0:
+                    self._collect_written()
                 return
         except BaseException:
             self._interrupted_locked()
@@ -476,10 +475,7 @@ class SocketTransport(token.Guarded):
             self._lost_locked()
             return False
         finally:
-            if self._unconfirmed.end >= self._next_poll:
-                self._next_poll = self._unconfirmed.end + ACK_POLL
-                self._channel.poll()  # collects WRITTEN frames
-            self._forget_written()
+            self._collect_written()
             self._update_slow()
 
     def _send_partial(self) -> bool:
@@ -517,6 +513,7 @@ class SocketTransport(token.Guarded):
             payload = bytes(view)
         self._in_send = True
         self._unconfirmed.append(payload)
+        self._until_poll -= n
         backlog.consume(n)
         self._partial = memoryview(_DATA_HEADER(P.DATA, n) + payload)
         self._in_send = False
@@ -565,6 +562,14 @@ class SocketTransport(token.Guarded):
         self._error = error
         self._update_slow()
         return error.with_traceback(None)
+
+    def _collect_written(self) -> None:
+        """Token held: read the server's WRITTEN frames (every ACK_POLL bytes sent)
+        and forget what they confirm."""
+        if self._until_poll <= 0:
+            self._until_poll = ACK_POLL
+            self._channel.poll()
+        self._forget_written()
 
     def _forget_written(self) -> None:
         """Token held: drop the payloads the server confirmed (not during a divert:
