@@ -34,7 +34,7 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections import deque
-from typing import Deque, Iterator, List, Union
+from typing import Deque, Iterator, List, Optional, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -65,7 +65,7 @@ class Backlog:
 
     def _front(self) -> int:
         """Index of the first record end after ``start``."""
-        self._first = i = bisect_right(self._ends, self.start, self._first)
+        self._first = i = bisect_right(self._ends, self.start, min(self._first, len(self._ends)))
         return i
 
     def append(self, data: Buffer) -> None:
@@ -114,9 +114,9 @@ class Backlog:
         if not other:
             return
         if not self:
+            self._first = 0
             self.start = other.start
             self._ends = array("Q")
-            self._first = 0
         shift = self.end - other.start
         self._segments.extend(segment for segment in other._segments if segment)
         self._segments.append(bytearray())  # appends go to a fresh segment
@@ -134,8 +134,11 @@ class Backlog:
             return 0
         self._drop_empty()
         i = self._front()
-        j = bisect_right(self._ends, self.start + min(limit, len(self._segments[0])), i)
-        return 0 if j == i else self._ends[j - 1] - self.start
+        in_segment = len(self._segments[0])
+        j = bisect_right(self._ends, self.start + min(limit, in_segment), i)
+        if j > i:
+            return self._ends[j - 1] - self.start
+        return in_segment if in_segment <= limit else 0  # a segment's end is a record's end
 
     def first_record(self) -> int:
         """Size of the first record (a tail without its end counts as one)."""
@@ -150,7 +153,10 @@ class Backlog:
         """The first ``n`` bytes (at most what :meth:`whole` or :meth:`first_record`
         returned); release it (``with``) before changing the backlog."""
         self._drop_empty()
-        return memoryview(self._segments[0])[:n]
+        first = self._segments[0] if self._segments else bytearray()
+        if n > len(first):
+            raise ValueError(f"view({n}) reaches past the first segment ({len(first)} bytes)")
+        return memoryview(first)[:n]
 
     def consume(self, n: int) -> None:
         """Forget the first ``n`` bytes (a record cut in two keeps its end)."""
@@ -222,6 +228,7 @@ class Handover:
 
     def __init__(self) -> None:
         self.parts: List[Backlog] = []
+        self._merged: Optional[Backlog] = None
 
     def take(self, part: Backlog) -> None:
         """Add ``part`` (whose owner then starts a new backlog) unless it is here already."""
@@ -232,8 +239,10 @@ class Handover:
         """One backlog of every part, in order. Its segments are the parts'
         (no byte is copied: the parts are never used again), and its positions
         are the last part's (usually the largest), so only the others' record
-        ends are shifted."""
-        out = Backlog()
+        ends are shifted. A retry gets the same backlog again: two never share segments."""
+        if self._merged is not None:
+            return self._merged
+        self._merged = out = Backlog()
         if not self.parts:
             return out
         out.start = max(0, self.parts[-1].start - sum(len(p) for p in self.parts[:-1]))

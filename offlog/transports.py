@@ -500,7 +500,7 @@ class SocketTransport(token.Guarded):
         """Token held, nothing partial: frame the backlog's first records and send them."""
         backlog = self._backlog
         if not self._framed:  # 0.x: raw bytes, nothing to confirm
-            n = min(len(backlog), BATCH_MAX)
+            n = backlog.whole(BATCH_MAX) or min(backlog.first_record(), BATCH_MAX)
             self._in_send = True
             with backlog.view(n) as view:
                 message = bytes(view)

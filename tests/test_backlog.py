@@ -117,6 +117,32 @@ def test_a_handover_merges_its_parts_in_order_without_touching_them():
     assert list(merged.records())[-1] == b"d1"
 
 
+def test_taking_batches_across_segments_never_skips_a_byte():
+    """What the 0.x socket send and the framed pump do: whole records up to a batch, from the first
+    segment only; a view past the first segment is refused, never cut short."""
+    saved, backlog_module.SEGMENT = backlog_module.SEGMENT, 8
+    try:
+        backlog, sent = Backlog(), b""
+        for r in (b"\x01" * 9, b"\x02" * 9, b"\x01", b"\x03" * 5):
+            backlog.append(r)
+        while backlog:
+            n = backlog.whole(19) or min(backlog.first_record(), 19)
+            with backlog.view(n) as piece:
+                sent += bytes(piece)
+            backlog.consume(n)
+        assert sent == b"\x01" * 9 + b"\x02" * 9 + b"\x01" + b"\x03" * 5
+        backlog.append(b"ab")
+        backlog.append(b"cdefghi")  # does not fit the first segment's 8 bytes: a second segment
+        try:
+            backlog.view(8)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a view reached past the first segment")
+    finally:
+        backlog_module.SEGMENT = saved
+
+
 def test_an_unterminated_tail_becomes_a_record():
     """What an append interrupted between its two steps leaves behind is still queued, as one record."""
     backlog = Backlog()

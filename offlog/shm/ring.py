@@ -208,6 +208,9 @@ class Producer(token.Guarded):
             if self._backlog and self._diverted is None:
                 self._drain_backlog()
             return self.backlog_bytes
+        except BaseException:
+            self._resync()
+            raise
         finally:
             self._token.append(True)
 
@@ -223,6 +226,9 @@ class Producer(token.Guarded):
             raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
         try:
             return fn(*args)
+        except BaseException:
+            self._resync()
+            raise
         finally:
             self._token.append(True)
 
