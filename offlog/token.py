@@ -156,6 +156,34 @@ class Guarded:
     def _take(self) -> bool:
         return take(self._token, self, self.HOLDING)
 
+    def locked(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` holding the token (RuntimeError from a signal handler
+        that interrupted this owner: it cannot wait for itself)."""
+        if not self._take():
+            raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
+        try:
+            return fn(*args)
+        except BaseException:
+            self._after_exception()
+            raise
+        finally:
+            self._token.append(True)
+
+    def pump(self) -> int:
+        """Move the backlog on as far as it goes now (``_pump_step``); return the
+        bytes still queued here. Never waits."""
+        if not self._take():
+            return self.backlog_bytes  # a handler that interrupted this owner: leave it be
+        try:
+            self._take_reentered()
+            self._pump_step()
+            return self.backlog_bytes
+        except BaseException:
+            self._after_exception()
+            raise
+        finally:
+            self._token.append(True)
+
     def _write_slow(self, data: Any) -> None:
         """Every write the hot path does not finish; the token is not held."""
         view = memoryview(data.encode("utf-8") if isinstance(data, str) else data).cast("B")
@@ -191,8 +219,13 @@ class Guarded:
                 self._backlog.append(chunk)
         self._after_reentry()
 
+    backlog_bytes: int
+
     def _write_locked(self, view: memoryview) -> Any:
         raise NotImplementedError
+
+    def _pump_step(self) -> None:
+        """Token held: move the backlog on, without waiting."""
 
     def _wait_for_room(self, since: float) -> None:
         raise NotImplementedError
@@ -206,4 +239,4 @@ class Guarded:
 
 def holding(*functions: Any) -> FrozenSet[CodeType]:
     """``HOLDING`` for a class: its functions that run with the token held, and the shared slow path."""
-    return frozenset(f.__code__ for f in functions + (Guarded._write_slow,))
+    return frozenset(f.__code__ for f in functions + (Guarded._write_slow, Guarded.locked, Guarded.pump))

@@ -399,17 +399,6 @@ class SocketTransport(token.Guarded):
         return self._write_slow(data)
 
     # -- slow path ---------------------------------------------------------------
-    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if not self._take():
-            raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
-        try:
-            return fn(*args)
-        except BaseException:
-            self._interrupted_locked()
-            raise
-        finally:
-            self._token.append(True)
-
     def _write_locked(self, view: memoryview):
         """Token held: None when done, WAIT, or the handler of a diverted transport."""
         self._take_reentered()
@@ -612,20 +601,9 @@ class SocketTransport(token.Guarded):
     def _release_control(self) -> None:
         self._sock.close()
 
-    def pump(self) -> int:
-        """Hand over what the socket takes now; return bytes still queued here."""
-        if not self._take():
-            return self.backlog_bytes
-        try:
-            self._take_reentered()
-            if self._diverted is None and self._error is None and not self._closed:
-                self._pump_locked()
-            return self.backlog_bytes
-        except BaseException:
-            self._interrupted_locked()
-            raise
-        finally:
-            self._token.append(True)
+    def _pump_step(self) -> None:
+        if self._diverted is None and self._error is None and not self._closed:
+            self._pump_locked()
 
     def flush(self) -> None:
         """Hand over what can go now; never waits."""
@@ -660,7 +638,7 @@ class SocketTransport(token.Guarded):
 
     def _drain(self, deadline: Deadline) -> None:
         """Hand the whole backlog over (until the deadline), watching the server."""
-        while self.pump() or self._partial is not None:
+        while self._pending():
             self._raise_if_diverted()
             if self._error is not None:
                 raise self._error.with_traceback(None)
@@ -668,13 +646,17 @@ class SocketTransport(token.Guarded):
                 deadline.left()
             except TimeoutError:
                 raise TimeoutError(
-                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not sent"
+                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not handed over"
                 ) from None
             self.idle()
         self._raise_if_diverted()
 
+    def _pending(self) -> bool:
+        """Pump; True while bytes are still queued here."""
+        return bool(self.pump()) or self._partial is not None
+
     def _raise_if_diverted(self) -> None:
-        if self._diverted is not None:
+        if self.diverted:
             raise ServerGone(self)
 
     def sync(self, timeout_ms: Optional[float]) -> None:
@@ -701,10 +683,14 @@ class SocketTransport(token.Guarded):
                 self.locked(self._check_control)
                 self._raise_if_diverted()
                 raise self._closed_by_server()
+            self._wake_peer()
             wait_readable(self._sock, deadline.step(0.05))
             channel.poll()
             deadline.left()
         return channel.frame(deadline)
+
+    def _wake_peer(self) -> None:
+        """Before a wait for the server's answer: nothing to wake on the socket."""
 
     def _closed_by_server(self) -> BaseException:
         """What the server's EOF means when nothing was diverted: its error, if it sent one."""
@@ -914,33 +900,24 @@ class ShmTransport(SocketTransport):
         producer.wake()
         if wait_readable(self._sock, WAIT_STEP) and not self.diverted:
             producer.interrupt()
-            producer.locked(self._look_at_control)
+            producer.locked(self._check_control)
 
-    def _look_at_control(self) -> None:
+    def _check_control(self) -> None:
+        """Token held: a hang-up or a word from the server: divert, or raise its error."""
         producer = self._producer
         if producer._diverted is None and not producer._closed:
             producer._interrupted = False
             self.interrupted()
             producer._update_limit()
 
-    def _raise_if_diverted(self) -> None:
-        if self.diverted:
-            raise ServerGone(self)
-
     def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._producer.locked(fn, *args)
 
-    def _drain(self, deadline: Deadline) -> None:
-        while self.pump():
-            self._raise_if_diverted()
-            try:
-                deadline.left()
-            except TimeoutError:
-                raise TimeoutError(
-                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not in the ring"
-                ) from None
-            self.idle()
-        self._raise_if_diverted()
+    def _pending(self) -> bool:
+        return bool(self.pump())  # (control frames go out under the token, in sync and close)
+
+    def _wake_peer(self) -> None:
+        self._producer.wake()
 
     def sync(self, timeout_ms: Optional[float]) -> None:
         deadline = Deadline(timeout_ms)
@@ -965,20 +942,6 @@ class ShmTransport(SocketTransport):
             return error
         self._producer.close_locked()
         return error
-
-    def _next_frame(self, deadline: Deadline) -> P.Frame:
-        channel = self._channel
-        while not channel.has_frames():
-            self._raise_if_diverted()
-            if channel.eof:
-                self._producer.locked(self._look_at_control)
-                self._raise_if_diverted()
-                raise self._closed_by_server()
-            self._producer.wake()
-            wait_readable(self._sock, deadline.step(0.05))
-            channel.poll()
-            deadline.left()
-        return channel.frame(deadline)
 
     def _nothing_unconfirmed(self) -> bool:
         return self._producer.unreleased_bytes() == 0 and not self._producer.backlog_bytes
@@ -1044,7 +1007,7 @@ class ShmTransport(SocketTransport):
         super().detach(forward)
 
 
-SocketTransport.HOLDING = token.holding(SocketTransport.write, SocketTransport.locked, SocketTransport.pump)
+SocketTransport.HOLDING = token.holding(SocketTransport.write)
 
 
 class _Hangups:

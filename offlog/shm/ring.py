@@ -197,40 +197,16 @@ class Producer(token.Guarded):
             tok.append(True)
         return self._write_slow(data)
 
-    def pump(self) -> int:
-        """Move backlog into the ring as space allows; return backlog bytes left."""
-        if not self._take():
-            return self.backlog_bytes  # a handler that interrupted this producer: leave it be
-        try:
-            self._take_reentered()
-            if self._handover is not None:
-                self.divert_locked(self._divert_to)
-            if self._backlog and self._diverted is None:
-                self._drain_backlog()
-            return self.backlog_bytes
-        except BaseException:
-            self._resync()
-            raise
-        finally:
-            self._token.append(True)
+    def _pump_step(self) -> None:
+        if self._handover is not None:  # a divert that an interrupt cut short: finish it
+            self.divert_locked(self._divert_to)
+        if self._backlog and self._diverted is None:
+            self._drain_backlog()
 
     def interrupt(self) -> None:
         """Any thread: make the next write take the slow path and call ``on_interrupt``."""
         self._interrupted = True
         self._limit = -1
-
-    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` holding the token (RuntimeError from a signal handler
-        that interrupted this producer: it cannot wait for itself)."""
-        if not self._take():
-            raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
-        try:
-            return fn(*args)
-        except BaseException:
-            self._resync()
-            raise
-        finally:
-            self._token.append(True)
 
     def divert_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
         """Token held: hand every byte the consumer has not released (the ring's
@@ -441,7 +417,7 @@ def _nap(since: float) -> None:
     time.sleep(0.0005)
 
 
-Producer.HOLDING = token.holding(Producer.write, Producer.pump, Producer.locked)
+Producer.HOLDING = token.holding(Producer.write)
 
 
 class Consumer:
