@@ -18,8 +18,10 @@ path, which is refused); an EOF before the path or the first frame is whole
 ends it without an answer. BYE is only ever said when every byte of the
 client's is written: an EOF inside a frame is a protocol error.
 
-A ring session waits on its ring's doorbell semaphore, so it cannot also
-block in ``recv``: a :class:`~offlog.watcher.Watcher` thread watches the control sockets
+A ring session drains its ring and, with nothing to drain, waits on the
+ring's doorbell semaphore (:meth:`~offlog.shm.channel.ServerRing.wait`, the
+nap and sleep handshake that :mod:`offlog.shm.ring` argues), so it cannot
+also block in ``recv``: a :class:`~offlog.watcher.Watcher` thread watches the control sockets
 of all ring sessions with one ``epoll`` (one-shot) and rings a session's
 doorbell when its socket has something to say (a FLUSH, an EOF, a kill).
 
@@ -57,8 +59,7 @@ from . import __version__
 from . import protocol as P
 from .files import FileTable, OpenFile
 from .logger import Logger
-from .shm import ServerRing, layout, sweep_stale, unsupported_reason
-from .shm.ring import IDLE_WAIT, NAP, NAPS_BEFORE_SLEEP, SETTLE, RingCorrupt
+from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
 from .watcher import Watcher
 
 #: Seconds a new connection has to complete its handshake.
@@ -82,12 +83,12 @@ class Server:
         log: Logger,
         *,
         shm: bool = False,
-        ring_size: int = layout.DEFAULT_CAPACITY,
+        ring_size: int = DEFAULT_CAPACITY,
         socket_mode: Optional[int] = None,
         socket_group: Optional[str] = None,
     ) -> None:
         self.socket_path = socket_path
-        self.ring_size = layout.check_capacity(ring_size) if shm else ring_size
+        self.ring_size = check_capacity(ring_size) if shm else ring_size
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.started = time.time()
@@ -589,18 +590,16 @@ class Session:
 
     # -- ring data path -----------------------------------------------------
     def _serve_ring(self) -> None:
+        """Drain the ring, else hear the control socket, else wait for the ring."""
         ring = self.ring
-        consumer = ring.consumer
         self.sock.settimeout(None)
         self.sock.setblocking(False)
         doorbells = self.server.doorbells
         fd = self.sock.fileno()
         doorbells.watch(fd, self._ring_doorbell)
         try:
-            idle = 0
             while True:
                 if self._drain_ring():
-                    idle = 0
                     continue
                 if self.sock_ready:
                     self.sock_ready = False
@@ -609,11 +608,7 @@ class Session:
                         return
                     doorbells.rearm(fd)
                     continue
-                if idle < NAPS_BEFORE_SLEEP:
-                    _acquire(ring.sem, NAP * (1 << idle))
-                    idle += 1
-                else:
-                    self._sleep(consumer, ring.sem)
+                ring.wait(lambda: self.sock_ready)
         finally:
             doorbells.forget(fd)
 
@@ -622,10 +617,7 @@ class Session:
         self.sock_ready = True
         ring = self.ring
         if ring is not None:
-            try:
-                ring.sem.release()
-            except Exception:
-                pass  # the session closed its ring meanwhile
+            ring.ring_doorbell()
 
     def _drain_ring(self) -> bool:
         """Write everything published in the ring; True if there was anything."""
@@ -649,18 +641,6 @@ class Session:
             raise self._refuse(
                 f"Client {self.id} corrupted its ring: {exc}", ValueError(f"ring corrupted: {exc}")
             ) from None
-
-    def _sleep(self, consumer, sem) -> None:
-        """The sleep handshake argued in offlog.shm.ring."""
-        consumer.set_state(layout.SLEEPING)
-        try:
-            if self._published() != consumer.tail or self.sock_ready:
-                return
-            if _acquire(sem, SETTLE) or self._published() != consumer.tail:
-                return
-            _acquire(sem, IDLE_WAIT)
-        finally:
-            consumer.set_state(layout.AWAKE)
 
     def _read_control(self) -> bool:
         """Handle whatever the client sent on the socket; True on EOF."""
@@ -715,14 +695,6 @@ class _Reported(Exception):
         self.error = error
 
 
-def _acquire(sem, timeout: float) -> bool:
-    try:
-        sem.acquire(timeout)
-        return True
-    except Exception:  # posix_ipc.BusyError: timed out
-        return False
-
-
 def install_signal_handlers(server: Server) -> None:
     def stop(signum, frame):
         server.request_stop()
@@ -773,7 +745,7 @@ def main_server(args, log: Logger) -> int:
         args.socket_file,
         log,
         shm=args.shm,
-        ring_size=layout.DEFAULT_CAPACITY if args.ring_size is None else args.ring_size,
+        ring_size=DEFAULT_CAPACITY if args.ring_size is None else args.ring_size,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
 import re
@@ -192,6 +194,35 @@ def test_a_client_that_scribbles_over_its_header_is_cut_off_alone(shm_server, wo
     bystander.close()
     assert (workdir / "bystander.log").read_bytes() == b"before\nafter\n"
     assert shm_server.proc.poll() is None
+
+
+# -- signals --------------------------------------------------------------------------------------
+SYS_TGKILL = 234  # x86-64, the only machine that is offered rings
+
+
+def signal_every_thread(pid: int, signum: int) -> None:
+    """Send ``signum`` to each thread of ``pid``: the kernel may hand a signal to any of them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if libc.syscall(SYS_TGKILL, pid, int(tid), signum) and ctypes.get_errno() != errno.ESRCH:
+            raise OSError(ctypes.get_errno(), f"tgkill of thread {tid} of {pid} failed")
+
+
+def test_a_signal_on_a_sleeping_ring_session_only_wakes_it(shm_server, workdir):
+    """SIGHUP to every server thread while the ring session sleeps on its doorbell
+    (its wait ends with a SignalError): the session sleeps again and loses nothing."""
+    target = workdir / "woken.log"
+    f = offlog.ProxyFile(str(target), shm_server.sock, shm=True)
+    f.write(b"before\n")
+    words = f._transport._producer._words
+    for round_ in range(1, 6):
+        wait_for(lambda: words[layout.STATE_WORD] == layout.SLEEPING, what="the ring session asleep")
+        signal_every_thread(shm_server.pid, signal.SIGHUP)
+        wait_for(lambda n=round_: shm_server.output().count("Received SIGHUP") >= n, what="the SIGHUP handled")
+    f.write(b"after\n")
+    f.close()
+    assert target.read_bytes() == b"before\nafter\n"
+    assert " error" not in shm_server.output()
 
 
 # -- kills ---------------------------------------------------------------------------------------

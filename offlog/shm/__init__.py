@@ -5,7 +5,7 @@
 """
 
 from .channel import ClientRing, ServerRing, sweep_stale, unsupported_reason
-from .layout import DEFAULT_CAPACITY
+from .layout import DEFAULT_CAPACITY, check_capacity
 from .ring import RingCorrupt
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "sweep_stale",
     "unsupported_reason",
     "DEFAULT_CAPACITY",
+    "check_capacity",
     "RingCorrupt",
 ]

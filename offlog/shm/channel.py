@@ -25,7 +25,7 @@ import platform
 import re
 import secrets
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 from . import layout
 from .ring import Consumer, Producer
@@ -87,11 +87,24 @@ class ServerRing:
 
     def ring_doorbell(self) -> None:
         """Post the doorbell, unless the session closed the ring meanwhile (a
-        server stop racing the session's own end)."""
+        server stop or the control socket's news racing the session's own end)."""
         try:
             self.sem.release()
-        except posix_ipc.ExistentialError:
+        except posix_ipc.ExistentialError:  # "The semaphore has been closed"
             pass
+
+    def wait(self, woken: Callable[[], bool]) -> None:
+        """Nothing to drain: wait for the client's next write (the nap and sleep
+        handshake of :meth:`offlog.shm.ring.Consumer.wait`)."""
+        self.consumer.wait(self._take_doorbell, woken)
+
+    def _take_doorbell(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for a post; True if this took one."""
+        try:
+            self.sem.acquire(timeout)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False  # timed out, or a signal for the server landed on this thread
+        return True
 
     def close(self) -> None:
         self.unlink()

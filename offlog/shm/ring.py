@@ -65,6 +65,11 @@ only after ``NAPS_BEFORE_SLEEP`` of them (0.2 + 0.4 + 0.8 + 1.6 = 3 ms of
 idleness) does it go through the sleep handshake above. A slow writer thus
 costs the server a few wake-ups per record at most, a fast one none.
 
+:meth:`Consumer.wait` is this section in code: its caller drains the ring
+and, when there is nothing to drain, calls it with the semaphore's timed wait
+(:meth:`offlog.shm.channel.ServerRing.wait` does) and learns nothing of naps,
+``STATE`` or ``SETTLE``.
+
 The shared header is hostile input for the server: :class:`Consumer` keeps
 its own ``tail`` and checks ``head`` and the identity words every time.
 """
@@ -430,6 +435,7 @@ class Consumer:
         self._capacity = capacity
         self._mask = capacity - 1
         self._tail = 0
+        self._naps = 0  # empty naps since the consumer last released bytes
 
     @property
     def tail(self) -> int:
@@ -465,9 +471,31 @@ class Consumer:
         """Everything before ``position`` is written: hand the space back."""
         self._tail = position
         self._words[TAIL_WORD] = position
+        self._naps = 0
 
-    def set_state(self, state: int) -> None:
-        self._words[STATE_WORD] = state
+    def wait(self, doorbell: Callable[[float], bool], woken: Callable[[], bool]) -> None:
+        """Nothing to consume: wait for the producer as "The doorbell" above argues,
+        then return (the caller drains, or finds nothing and calls again).
+
+        ``doorbell(timeout)`` waits at most ``timeout`` seconds for a post and
+        says whether it took one; ``woken()`` says whether the caller has other
+        news (its control socket), which a post will also announce."""
+        naps = self._naps
+        if naps < NAPS_BEFORE_SLEEP:  # a nap, STATE still AWAKE: producers do not post
+            self._naps = naps + 1
+            doorbell(NAP * (1 << naps))
+            return
+        words = self._words
+        words[STATE_WORD] = layout.SLEEPING
+        try:
+            # A HEAD that moved (or a lie, which the caller's checked read reports) ends the wait.
+            if words[HEAD_WORD] != self._tail or woken():
+                return
+            if doorbell(SETTLE) or words[HEAD_WORD] != self._tail:
+                return  # the re-read after SETTLE: a HEAD store that sat in a store buffer
+            doorbell(IDLE_WAIT)
+        finally:
+            words[STATE_WORD] = layout.AWAKE
 
     def fail(self, code: int) -> None:
         """Flag a write error for the producer's next write()."""
