@@ -19,11 +19,12 @@ ends it without an answer. BYE is only ever said when every byte of the
 client's is written: an EOF inside a frame is a protocol error.
 
 A ring session drains its ring and, with nothing to drain, waits on the
-ring's doorbell semaphore (:meth:`~offlog.shm.channel.ServerRing.wait`, the
+ring's doorbell semaphore (:meth:`~offlog.shm.objects.ServerRing.wait`, the
 nap and sleep handshake that :mod:`offlog.shm.ring` argues), so it cannot
-also block in ``recv``: a :class:`~offlog.watcher.Watcher` thread watches the control sockets
-of all ring sessions with one ``epoll`` (one-shot) and rings a session's
-doorbell when its socket has something to say (a FLUSH, an EOF, a kill).
+also block in ``recv``: the control watcher (``Server.control_watcher``, a
+:class:`~offlog.watcher.Watcher` thread) watches the control sockets of all
+ring sessions with one ``epoll`` (one-shot) and rings a session's doorbell
+when its socket has something to say (a FLUSH, an EOF, a kill).
 
 Stopping (SIGINT/SIGTERM): stop accepting, remove the socket file, shut the
 read side of every client socket (data already received stays readable),
@@ -104,7 +105,7 @@ class Server:
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe()
         self._listener: Optional[socket.socket] = None
-        self.doorbells: Optional[Watcher] = None
+        self.control_watcher: Optional[Watcher] = None  # control sockets of ring sessions
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
 
     # -- logging ----------------------------------------------------------
@@ -141,7 +142,7 @@ class Server:
             removed = sweep_stale()
             if removed:
                 self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
-            self.doorbells = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "doorbells")
+            self.control_watcher = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "control watcher")
 
     def _give_socket_to(self, group: str) -> None:
         try:
@@ -262,8 +263,8 @@ class Server:
         deadline = time.monotonic() + STOP_GRACE
         for session in sessions:
             session.finished.wait(max(0.0, deadline - time.monotonic()))
-        if self.doorbells is not None:
-            self.doorbells.close()
+        if self.control_watcher is not None:
+            self.control_watcher.close()
         self.info("Exit")
 
 
@@ -594,9 +595,9 @@ class Session:
         ring = self.ring
         self.sock.settimeout(None)
         self.sock.setblocking(False)
-        doorbells = self.server.doorbells
+        watcher = self.server.control_watcher
         fd = self.sock.fileno()
-        doorbells.watch(fd, self._ring_doorbell)
+        watcher.watch(fd, self._ring_doorbell)
         try:
             while True:
                 if self._drain_ring():
@@ -606,11 +607,11 @@ class Session:
                     if self._read_control():
                         self._finish()
                         return
-                    doorbells.rearm(fd)
+                    watcher.rearm(fd)
                     continue
                 ring.wait(lambda: self.sock_ready)
         finally:
-            doorbells.forget(fd)
+            watcher.forget(fd)
 
     def _ring_doorbell(self) -> None:
         """The watcher saw the control socket readable: wake the ring loop."""

@@ -1,11 +1,11 @@
 """Shared-memory fast path: one ring per client, a semaphore doorbell.
 
 ``layout`` defines the bytes, ``ring`` moves them (producer and consumer),
-``channel`` creates, opens and cleans up the named objects behind a ring.
+``objects`` creates, opens and cleans up the named objects behind a ring.
 """
 
-from .channel import ClientRing, ServerRing, sweep_stale, unsupported_reason
 from .layout import DEFAULT_CAPACITY, check_capacity
+from .objects import ClientRing, ServerRing, sweep_stale, unsupported_reason
 from .ring import RingCorrupt
 
 __all__ = [

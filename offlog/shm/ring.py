@@ -33,7 +33,7 @@ Python has no fences, so the argument rests on three facts:
    with (the consumer publishes ``tail`` only after ``writev`` returned).
 
 Because fact 3 is specific to TSO machines, the server only offers a ring on
-x86 (see :func:`offlog.shm.supported`); elsewhere clients use the socket.
+x86 (see :func:`offlog.shm.objects.unsupported_reason`); elsewhere clients use the socket.
 
 The doorbell (why a wakeup is never lost for longer than a bounded wait)
 ----------------------------------------------------------------------
@@ -67,7 +67,7 @@ costs the server a few wake-ups per record at most, a fast one none.
 
 :meth:`Consumer.wait` is this section in code: its caller drains the ring
 and, when there is nothing to drain, calls it with the semaphore's timed wait
-(:meth:`offlog.shm.channel.ServerRing.wait` does) and learns nothing of naps,
+(:meth:`offlog.shm.objects.ServerRing.wait` does) and learns nothing of naps,
 ``STATE`` or ``SETTLE``.
 
 The shared header is hostile input for the server: :class:`Consumer` keeps
