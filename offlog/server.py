@@ -10,13 +10,14 @@ stalls only the sessions writing to that file; every other client's
 handshake and data go on (no head-of-line blocking). Files are shared through
 :class:`~offlog.files.FileTable`, whose per-file lock keeps appends whole.
 
-The first bytes of a connection decide its dialect (see
-:mod:`offlog.protocol`): a 0.x client sends a path; a current client sends
-the framed preamble and an OPEN frame, and may be offered a ring. An EOF
-inside the preamble makes the connection legacy (its ``\0`` ended an empty
-path, which is refused); an EOF before the path or the first frame is whole
-ends it without an answer. BYE is only ever said when every byte of the
-client's is written: an EOF inside a frame is a protocol error.
+Every byte a session reads goes into its
+:class:`~offlog.protocol.ServerConnection` and every byte it sends comes out
+of it: the protocol (both dialects, the state tables of docs/protocol.md
+5.7, every protocol error) lives there, and a session only does the I/O and
+acts on events: open the file for an ``Open``, append ``Data``, answer a
+``Flush`` once what came before it is written. BYE is only ever said when
+every byte of the client's is written: an EOF inside a frame is a protocol
+error.
 
 A ring session drains its ring and, with nothing to drain, waits on the
 ring's doorbell semaphore (:meth:`~offlog.shm.objects.ServerRing.wait`, the
@@ -42,7 +43,6 @@ from __future__ import annotations
 import errno
 import faulthandler
 import grp
-import json
 import os
 import select
 import selectors
@@ -312,19 +312,17 @@ class Session:
         self.server = server
         self.id = sid
         self.sock = sock
-        self.framed: Optional[bool] = None
+        self.conn = P.ServerConnection()
         self.file: Optional[OpenFile] = None
         self.fsync = False
         self.ring: Optional[ServerRing] = None
-        self.sock_ready = False
+        self.sock_ready = True  # the control socket has something (at first: frames that came with the handshake)
         self.finished = threading.Event()
         self.pid, self.uid = peer_credentials(sock)
         self.connected = time.time()
         self.written = 0
-        self.acked = 0  # `written` as last told to the client in a WRITTEN frame
+        self.confirmed = 0  # `written` as last told to the client in a WRITTEN frame
         self.dropped = 0
-        self._reader = P.FrameReader(P.CLIENT_FRAMES)
-        self._early_frames: List[P.Frame] = []  # frames that came with the handshake
 
     # -- entry point --------------------------------------------------------
     def run(self) -> None:
@@ -332,20 +330,18 @@ class Session:
         who = f" (pid {self.pid}, uid {self.uid})" if self.pid is not None else ""
         server.info(f"Client {self.id} connected{who}")
         try:
-            rest = self._handshake()
-            if self.framed:
-                self._handle_frames(self._early_frames)
+            self._handshake()
             if self.ring is not None:
                 self._serve_ring()
             else:
-                self._serve_socket(rest)
+                self._serve_socket()
         except ClientGone:
             pass
         except _Reported as exc:
             self._send_error(exc.error)
         except P.ProtocolError as exc:
             server.warn(f"Client {self.id} protocol error: {exc}")
-            self._send_error(ValueError(f"protocol error: {exc}"))
+            self._send_error(exc)
         except Exception as exc:  # one client's failure never takes the server down
             server.warn(f"Client {self.id} error: {P.exception_text(exc)}")
             self._send_error(exc)
@@ -356,14 +352,14 @@ class Session:
         if self.ring is not None:
             transport, backlog = "shm", self.ring.consumer.unconsumed()
         else:
-            transport, backlog = "socket", self._reader.pending
+            transport, backlog = "socket", self.conn.pending
         return {
             "id": self.id,
             "pid": self.pid,
             "uid": self.uid,
             "file": self.file.path,
             "transport": transport,
-            "dialect": "framed" if self.framed else "0.x",
+            "dialect": "framed" if self.conn.framed else "0.x",
             "connected": round(self.connected, 3),
             "bytes_written": self.written,
             "backlog": backlog,
@@ -382,108 +378,92 @@ class Session:
             ring.ring_doorbell()
 
     # -- handshake ---------------------------------------------------------
-    def _handshake(self) -> bytes:
-        """Read the path (either dialect) and open the file. Returns raw data
-        that came with a legacy handshake; frames that came with a framed one
-        are kept in ``_early_frames``."""
+    def _handshake(self) -> None:
+        """Read the handshake (either dialect), open the file, offer a ring.
+        Returns once the data phase starts; frames that came with the
+        handshake wait in the connection for the data path."""
         self.sock.settimeout(HANDSHAKE_TIMEOUT)
-        buf = self._recv_handshake()
-        while len(buf) < len(P.CLIENT_PREAMBLE) and P.CLIENT_PREAMBLE.startswith(buf):
-            more = self._recv_handshake(eof_ok=True)
-            if not more:
-                break  # EOF inside the preamble: a legacy client, whose path (empty) is complete
-            buf += more
-        if buf.startswith(P.CLIENT_PREAMBLE):
-            self.framed = True
-            self.sock.sendall(P.SERVER_PREAMBLE)
-            self._framed_handshake(buf[len(P.CLIENT_PREAMBLE) :])
-            return b""
-        self.framed = False
-        return self._legacy_handshake(buf)
+        steps = {
+            P.Preamble: self._greet,
+            P.OpenPath: self._open_legacy,
+            P.Open: self._open_framed,
+            P.InvalidPath: self._invalid_path,
+            P.ShmAccept: self._ring_accepted,
+            P.ShmDecline: self._ring_declined,
+            P.StatusRequest: self._answer_status,
+            P.ReopenRequest: self._answer_reopen,
+            P.Closed: self._gone_in_handshake,
+        }
+        while self.conn.state not in ("DATA", "CLOSED"):
+            event = self._next_event()
+            steps[type(event)](event)
 
-    def _recv_handshake(self, eof_ok: bool = False) -> bytes:
-        """The next bytes of the handshake; EOF ends the session (returns b"" if ``eof_ok``)."""
-        try:
-            chunk = self.sock.recv(RECV_SIZE)
-        except socket.timeout:
-            raise TimeoutError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s") from None
-        if not chunk:
-            if self.server.stopping:
+    def _next_event(self):
+        """The next event of the handshake, reading (under its timeout) as needed."""
+        event = self.conn.next_event()
+        while event is P.NEED_DATA:
+            try:
+                chunk = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                raise TimeoutError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s") from None
+            if not chunk and self.server.stopping:
                 raise SERVER_EXITED
-            if eof_ok:
-                return chunk
-            self.server.info(f"Client {self.id} disconnected during the handshake")
-            raise ClientGone()
-        return chunk
+            self.conn.receive_data(chunk)
+            event = self.conn.next_event()
+        return event
 
-    def _legacy_handshake(self, buf: bytes) -> bytes:
-        reader = P.LegacyPath()
-        found = reader.feed(buf)
-        while found is None:
-            found = reader.feed(self._recv_handshake())
-        raw, rest = found
-        try:
-            path = P.decode_path(raw)
-        except ValueError as exc:
-            raise self._refuse(f"Client {self.id} error, {exc}", exc) from None
-        self._open(path)
-        self.sock.sendall(P.LEGACY_OK)
+    def _say(self, event) -> None:
+        self.sock.sendall(self.conn.send(event))
+
+    def _greet(self, event: P.Preamble) -> None:
+        self._say(P.Greeting())
+
+    def _gone_in_handshake(self, event: P.Closed) -> None:
+        self.server.info(f"Client {self.id} disconnected during the handshake")
+        raise ClientGone()
+
+    def _invalid_path(self, event: P.InvalidPath) -> None:
+        raise self._refuse(f"Client {self.id} error, {event.error}", event.error)
+
+    def _answer_status(self, event: P.StatusRequest) -> None:
+        self._say(P.StatusReply(self.server.status()))
+        raise ClientGone()  # a status query ends here
+
+    def _answer_reopen(self, event: P.ReopenRequest) -> None:
+        self.sock.settimeout(None)  # a reopen may wait for busy files; the reply must not time out
+        results = self.server.reopen_all(f"a reopen request from client {self.id}")
+        self._say(P.Reopened(P.reopened_document(results)))
+        raise ClientGone()  # so does a reopen request
+
+    def _open_legacy(self, event: P.OpenPath) -> None:
+        self._open(event.path)
+        self._say(P.Opened())
         self.server.info(f"Client {self.id} transport: socket (0.x client)")
-        return rest
 
-    def _framed_handshake(self, buf: bytes) -> None:
-        frames = self._reader.feed(buf)
-        while not frames:
-            frames = self._reader.feed(self._recv_handshake())
-        first, later = frames[0], frames[1:]
-        if first.type == P.STATUS:
-            self.sock.sendall(P.frame(P.STATUS_REPLY, json.dumps(self.server.status()).encode()))
-            raise ClientGone()  # a status query ends here
-        if first.type == P.REOPEN:
-            self.sock.settimeout(None)  # a reopen may wait for busy files; the reply must not time out
-            results = self.server.reopen_all(f"a reopen request from client {self.id}")
-            self.sock.sendall(P.encode_reopened(results))
-            raise ClientGone()  # so does a reopen request
-        if first.type != P.OPEN:
-            raise P.ProtocolError("the first frame must be OPEN")
-        try:
-            version, flags, path = P.decode_open(first.payload)
-        except P.ProtocolError:
-            raise
-        except ValueError as exc:  # a bad path
-            raise self._refuse(f"Client {self.id} error, {exc}", exc) from None
-        if version < P.VERSION:
-            raise P.ProtocolError(f"protocol version {version} is not supported (need {P.VERSION})")
-        self.fsync = bool(flags & P.FSYNC)
-        self._open(path)
-        reason = self._offer_reason(flags)
+    def _open_framed(self, event: P.Open) -> None:
+        self.fsync = bool(event.flags & P.FSYNC)
+        self._open(event.path)
+        reason = self._offer_reason(event.flags)
         if reason is None:
             try:
                 self.ring = ServerRing(self.server.ring_size)
             except Exception as exc:
                 reason = f"could not create the ring: {exc}"
         if self.ring is None:
-            self.sock.sendall(P.encode_opened(note=reason))
+            self._say(P.Opened(note=reason))
             self.server.info(f"Client {self.id} transport: socket ({reason})")
-            self._early_frames = later
-            return
-        self.sock.sendall(
-            P.encode_opened(P.SHM_OFFERED) + P.encode_offer(self.ring.capacity, self.ring.shm_name, self.ring.sem_name)
-        )
-        while not later:
-            later = self._reader.feed(self._recv_handshake())
-        answer, later = later[0], later[1:]
-        self.ring.unlink()
-        if answer.type == P.SHM_ACCEPT:
-            self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
-        elif answer.type == P.SHM_DECLINE:
-            reason = bytes(answer.payload).decode("utf-8", "replace")
-            self.ring.close()
-            self.ring = None
-            self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {reason})")
         else:
-            raise P.ProtocolError("expected SHM_ACCEPT or SHM_DECLINE")
-        self._early_frames = later
+            self._say(P.ShmOffer(self.ring.capacity, self.ring.shm_name, self.ring.sem_name))
+
+    def _ring_accepted(self, event: P.ShmAccept) -> None:
+        self.ring.unlink()
+        self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
+
+    def _ring_declined(self, event: P.ShmDecline) -> None:
+        self.ring.unlink()
+        self.ring.close()
+        self.ring = None
+        self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {event.reason})")
 
     def _refuse(self, line: str, error: BaseException) -> "_Reported":
         """Log one line about this client's problem; ``error`` goes back to the client."""
@@ -508,55 +488,57 @@ class Session:
         self.server.info(f"Client {self.id} opened {path} (clients of this file: {self.file.clients})")
 
     # -- socket data path -------------------------------------------------
-    def _serve_socket(self, rest: bytes) -> None:
+    def _serve_socket(self) -> None:
         self.sock.settimeout(None)
-        chunk = rest
-        while True:
-            if chunk:
-                if self.framed:
-                    self._handle_frames(self._reader.feed(chunk))
-                else:
-                    self._append([chunk])
+        while not self._handle_events():
             try:
                 chunk = self.sock.recv(RECV_SIZE)
             except ConnectionResetError:
                 chunk = b""
-            if not chunk:
-                self._finish()
-                return
+            self.conn.receive_data(chunk)
+        self._finish()
 
-    def _handle_frames(self, frames: List[P.Frame]) -> None:
-        """DATA frames are batched into one append; FLUSH waits for what is before it."""
+    def _handle_events(self) -> bool:
+        """Act on every event received so far; True once the client's data ended.
+        DATA payloads are batched into one append; FLUSH waits for what is before it."""
         batch: List[memoryview] = []
-        for f in frames:
-            if f.type == P.DATA:
-                batch.append(f.payload)
-            elif f.type == P.DROPPED:
-                self.dropped = P.decode_u64(f.payload)
-            elif f.type == P.FLUSH:
-                token = P.decode_u64(f.payload)
-                self._append(batch)
-                batch = []
-                self._drain_ring()
-                if self.fsync:
-                    self._write_or_report(self.file.sync)
-                self.sock.sendall(P.encode_u64(P.FLUSHED, token))
-            else:
-                raise P.ProtocolError(f"unexpected frame {chr(f.type)!r} after the handshake")
-        self._append(batch)
+        try:
+            while True:
+                event = self.conn.next_event()
+                kind = type(event)
+                if kind is P.Data:
+                    batch.append(event.payload)
+                elif kind is P.Flush:
+                    self._append(batch)
+                    batch = []
+                    self._drain_ring()
+                    if self.fsync:
+                        self._write_or_report(self.file.sync)
+                    self._say(P.Flushed(event.token))
+                elif kind is P.Dropped:
+                    self.dropped = event.count
+                else:
+                    self._append(batch)
+                    return kind is P.EndOfData
+        except P.ProtocolError:
+            if not (self.server.stopping and self.conn.state == "ERROR"):
+                raise
+            self._append(batch)
+            self.server.info(f"Client {self.id} cut off in the middle of a frame: {self.conn.pending} bytes unwritten")
+            return True  # stopping: the shutdown error is the answer, not a protocol error
 
     def _append(self, parts: List) -> None:
         if parts:
             self.written += self._write_or_report(self.file.append, parts)
-            if self.written - self.acked >= ACK_EVERY and self.framed and self.ring is None:
-                self._ack()
+            if self.written - self.confirmed >= ACK_EVERY and self.conn.framed and self.ring is None:
+                self._confirm()
 
-    def _ack(self) -> None:
+    def _confirm(self) -> None:
         """Tell a socket client how much of its data is in the file (WRITTEN), so
         it can forget it. A WRITTEN that would block is skipped: the next will do."""
         try:
-            self.sock.send(P.encode_u64(P.WRITTEN, self.written), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
-            self.acked = self.written
+            self.sock.send(self.conn.send(P.Written(self.written)), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
+            self.confirmed = self.written
         except OSError:
             pass  # full (the next WRITTEN will do) or gone (the read side notices)
 
@@ -570,22 +552,17 @@ class Session:
             raise self._refuse(f"Failed to write to {self.file.path} for client {self.id}: {exc}", exc) from None
 
     def _finish(self) -> None:
-        """EOF from the client: everything is written; say BYE (or that we exit)."""
+        """End of the client's data: everything is written; say BYE (or that we exit)."""
         self._drain_ring()
-        pending = self._reader.pending
-        if pending:  # never BYE: that says every byte is written
-            if not self.server.stopping:
-                raise P.ProtocolError(f"end of data in the middle of a frame: {pending} bytes discarded")
-            self.server.info(f"Client {self.id} cut off in the middle of a frame: {pending} bytes unwritten")
         if self.server.stopping:
             if self.ring is not None:
                 self.ring.consumer.fail(errno.ESHUTDOWN)
-            elif self.framed:
-                self._ack()  # everything received is written: nothing to resend
+            elif self.conn.framed:
+                self._confirm()  # everything received is written: nothing to resend
             self._send_error(SERVER_EXITED)
             return
         try:
-            self.sock.sendall(P.frame(P.BYE) if self.framed else P.LEGACY_BYE)
+            self._say(P.Bye())
         except OSError:
             pass
 
@@ -644,24 +621,23 @@ class Session:
             ) from None
 
     def _read_control(self) -> bool:
-        """Handle whatever the client sent on the socket; True on EOF."""
-        while True:
+        """Handle whatever the client sent on the socket; True at its end of data."""
+        while not self._handle_events():
             try:
                 chunk = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
                 return False
             except ConnectionResetError:
                 chunk = b""
-            if not chunk:
-                return True
-            self._handle_frames(self._reader.feed(chunk))
+            self.conn.receive_data(chunk)
+        return True
 
     # -- teardown -----------------------------------------------------------
     def _send_error(self, exc: BaseException) -> None:
-        if self.framed:
-            message = P.encode_error(exc, errno.ESHUTDOWN if exc is SERVER_EXITED else None)
-        else:
-            message = P.encode_legacy_error(exc)
+        try:
+            message = self.conn.send(P.Error(exc, errno.ESHUTDOWN if exc is SERVER_EXITED else None))
+        except P.ProtocolError:
+            return  # the connection has ended already (BYE or a reply was sent)
         try:
             self.sock.setblocking(True)
             self.sock.settimeout(1.0)

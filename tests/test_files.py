@@ -388,10 +388,22 @@ def test_sighup_and_reopen_command_run_the_same_routine(server, workdir):
 def test_reopen_frames_are_the_bytes_the_protocol_document_shows():
     """docs/protocol.md 5.5 spells out a REOPEN request and a REOPENED answer byte for byte."""
     assert P.CLIENT_PREAMBLE + P.frame(P.REOPEN) == bytes.fromhex("004f46464c4f4700") + bytes.fromhex("5200000000")
-    answer = P.encode_reopened([("/tmp/a.log", None)])
-    assert answer == bytes.fromhex("722a000000") + b'{"reopened": ["/tmp/a.log"], "failed": []}'
-    (reply,) = P.FrameReader(P.SERVER_FRAMES).feed(answer)
-    assert P.decode_reopened(reply.payload) == {"reopened": ["/tmp/a.log"], "failed": []}
+    server, client = P.ServerConnection(), P.ClientConnection()
+    request = client.send(P.ReopenRequest())
+    assert request == bytes.fromhex("004f46464c4f47005200000000")
+    server.receive_data(request)
+    assert [server.next_event(), server.next_event()] == [P.Preamble(), P.PAUSED]
+    greeting = server.send(P.Greeting())
+    assert server.next_event() == P.ReopenRequest()
+    answer = greeting + server.send(P.Reopened(P.reopened_document([("/tmp/a.log", None)])))
+    assert answer == P.SERVER_PREAMBLE + bytes.fromhex("722a000000") + b'{"reopened": ["/tmp/a.log"], "failed": []}'
+    client.receive_data(answer)
+    client.receive_data(b"")
+    assert [client.next_event(), client.next_event(), client.next_event()] == [
+        P.Greeting(),
+        P.Reopened({"reopened": ["/tmp/a.log"], "failed": []}),
+        P.Closed(),
+    ]
     with pytest.raises(P.ProtocolError):
         P.decode_reopened(b'{"reopened": []}')
 

@@ -43,6 +43,7 @@ Rules
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import struct
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -107,13 +108,23 @@ _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
-class ProtocolError(ValueError):
-    """The peer sent bytes that can never be valid."""
+class ProtocolError(Exception):
+    """Bytes or an event that the protocol can never accept.
+
+    Not a ValueError: a bad path is a ValueError (an open error, section 6.4
+    of docs/protocol.md) and must not be mistaken for one of these. On the
+    wire the server still says ``ValueError: protocol error: <detail>``, the
+    text 0.x clients understand (:func:`protocol_error_text`)."""
 
 
 class Frame(NamedTuple):
     type: int
     payload: memoryview
+
+
+#: ``data_header(n)``: the 5-byte header of a DATA frame of ``n`` payload bytes
+#: (one C call: the socket hot path packs its frames with it).
+data_header = functools.partial(FRAME_HEADER.pack, DATA)
 
 
 def frame(ftype: int, payload: bytes = b"") -> bytes:
@@ -228,13 +239,12 @@ def decode_u64(payload: bytes) -> int:
     return _U64.unpack(payload)[0]
 
 
-def encode_reopened(results: Sequence[Tuple[str, Optional[str]]]) -> bytes:
-    """REOPENED from (path, None if reopened else why not), one per open file."""
-    document = {
+def reopened_document(results: Sequence[Tuple[str, Optional[str]]]) -> dict:
+    """REOPENED's document from (path, None if reopened else why not), one per open file."""
+    return {
         "reopened": [path for path, error in results if error is None],
         "failed": [{"path": path, "error": error} for path, error in results if error is not None],
     }
-    return frame(REOPENED, json.dumps(document).encode("utf-8"))
 
 
 def decode_reopened(payload: bytes) -> dict:
@@ -300,7 +310,10 @@ class LegacyPath:
 # Errors <-> exceptions
 # ---------------------------------------------------------------------------
 def exception_text(exc: BaseException) -> str:
-    """``"<ExceptionClass>: <message>"`` as 0.x puts it on the wire."""
+    """``"<ExceptionClass>: <message>"`` as 0.x puts it on the wire. A
+    :class:`ProtocolError` travels as ``ValueError: protocol error: <detail>``."""
+    if isinstance(exc, ProtocolError):
+        return f"ValueError: protocol error: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
