@@ -7,9 +7,12 @@ bytes into the data area at ``head`` and then publishes the new ``head``. The
 server is the *consumer*: it reads ``head``, writes every byte in
 ``[tail, head)`` to the file with one ``writev``, then publishes the new
 ``tail``. Positions are monotonic 64-bit byte counters; the byte at position
-``p`` lives at ``p & (capacity - 1)``. ``head`` only ever moves by whole
-``write()`` calls, so the consumer never sees part of a write that fits the
-ring, and one ``writev`` keeps each such write contiguous in the file.
+``p`` lives at ``p & (capacity - 1)``, and ``_pieces`` is the one place that
+turns a span of positions into views of the data area (two when it passes
+the end; only the hot path inlines its one-piece case). ``head`` only ever
+moves by whole ``write()`` calls, so the consumer never sees part of a write
+that fits the ring, and one ``writev`` keeps each such write contiguous in
+the file.
 
 Layout and offsets come from :mod:`offlog.shm.layout`; this module draws none.
 
@@ -109,6 +112,19 @@ def _words_and_data(mapping: Buffer, capacity: int):
     return words, data
 
 
+def _pieces(data: memoryview, position: int, n: int) -> List[memoryview]:
+    """The ring's wrap-around, for both halves: the ``n`` bytes from ``position``
+    on, as one view of the data area or two when they pass its end (``n`` at
+    most the capacity, a power of two). Producer.write inlines the one-piece
+    case: its ``_limit`` never lets a write pass the end of a lap."""
+    size = len(data)
+    start = position & (size - 1)
+    end = start + n
+    if end <= size:
+        return [data[start:end]]
+    return [data[start:], data[: end - size]]
+
+
 class Producer(token.Guarded):
     """The client half: ``write`` never blocks and never spins.
 
@@ -182,7 +198,7 @@ class Producer(token.Guarded):
         try:
             head = self._head
             end = head + len(data)
-            if end <= self._limit:
+            if end <= self._limit:  # so [head, end) is one piece (see _pieces)
                 pos = head & self._mask
                 try:
                     self._data[pos : pos + end - head] = data
@@ -276,9 +292,7 @@ class Producer(token.Guarded):
         return max(0, end - self._head)  # its unfed rest, still in the backlog: in ``record`` already
 
     def _ring_bytes(self, begin: int, end: int) -> bytes:
-        start, n = begin & self._mask, end - begin
-        first = min(n, self._capacity - start)
-        return bytes(self._data[start : start + first]) + bytes(self._data[: n - first])
+        return b"".join(_pieces(self._data, begin, end - begin))
 
     def wake(self) -> None:
         if self._words is not None and self._words[STATE_WORD] == layout.SLEEPING:
@@ -365,13 +379,11 @@ class Producer(token.Guarded):
         return self._big is not None and self._head < self._big[0] + len(self._big[1])
 
     def _copy_in(self, chunk: memoryview) -> None:
-        n = chunk.nbytes
-        pos = self._head & self._mask
-        first = min(n, self._capacity - pos)
-        self._data[pos : pos + first] = chunk[:first]
-        if first < n:
-            self._data[: n - first] = chunk[first:]
-        self._head += n
+        done = 0
+        for piece in _pieces(self._data, self._head, chunk.nbytes):
+            piece[:] = chunk[done : done + len(piece)]
+            done += len(piece)
+        self._head += done
         self._publish()
 
     def _publish(self) -> None:
@@ -433,7 +445,6 @@ class Consumer:
         self._size = len(memoryview(mapping))
         layout.init_header(self._words, capacity)
         self._capacity = capacity
-        self._mask = capacity - 1
         self._tail = 0
         self._naps = 0  # empty naps since the consumer last released bytes
 
@@ -455,13 +466,7 @@ class Consumer:
 
     def views(self, head: int) -> List[memoryview]:
         """The bytes in [tail, head) as one or two views (two when they wrap)."""
-        start = self._tail & self._mask
-        n = head - self._tail
-        first = min(n, self._capacity - start)
-        parts = [self._data[start : start + first]]
-        if first < n:
-            parts.append(self._data[: n - first])
-        return parts
+        return _pieces(self._data, self._tail, head - self._tail)
 
     def unconsumed(self) -> int:
         """Bytes published but not yet written, as far as a status report needs (unchecked)."""
