@@ -36,6 +36,7 @@ from bisect import bisect_right
 from collections import deque
 from typing import Deque, Iterator, List, Optional, Union
 
+#: What a bytes-like argument may be, here and in every layer above (files, ring).
 Buffer = Union[bytes, bytearray, memoryview]
 
 #: Bytes a segment grows to before the next record starts a new one.

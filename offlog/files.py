@@ -63,8 +63,9 @@ import select
 import stat
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
+from .backlog import Buffer
 from .inotify import (
     IN_ATTRIB,
     IN_CREATE,
@@ -79,8 +80,6 @@ from .inotify import (
     Inotify,
     open_inotify,
 )
-
-Buffer = Union[bytes, bytearray, memoryview]
 
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 #: Seconds between full rotation checks without inotify (or for a directory it cannot watch).

@@ -82,14 +82,12 @@ from __future__ import annotations
 import errno
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from .. import token
-from ..backlog import Backlog, Handover
+from ..backlog import Backlog, Buffer, Handover
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
-
-Buffer = Union[bytes, bytearray, memoryview]
 
 #: Consumer's first nap while awake and idle (seconds); each empty nap doubles it.
 NAP = 0.0002
