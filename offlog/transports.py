@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import json
 import os
 import select
 import socket
@@ -67,15 +66,13 @@ DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
 DEFAULT_TIMEOUT = 5000
 #: The socket transport reads the server's WRITTEN frames after this many bytes.
 ACK_POLL = 64 * 1024
-#: What a 0.x server may say that is not an error (0.3.1 sends ROTATED after a rotation).
-LEGACY_NOT_ERRORS = (b"OK", b"ROTATED")
 #: Largest write the socket hot path sends as one header + payload copy.
 QUICK_MAX = 64 * 1024
 #: Most payload bytes the backlog pump puts in one DATA frame (whole records only).
 BATCH_MAX = 256 * 1024
 #: Seconds one step of a wait sleeps in poll() before it looks again.
 WAIT_STEP = 0.0005
-_DATA_HEADER = P.FRAME_HEADER.pack
+_DATA_HEADER = P.data_header
 _WATCH = select.POLLIN | getattr(select, "POLLRDHUP", 0)
 Buffer = Union[bytes, bytearray, memoryview, str]
 #: on_lost(unconfirmed bytes, in order) -> the write() that takes over.
@@ -150,24 +147,60 @@ def wait_readable(sock: socket.socket, timeout: Optional[float], events: int = _
 
 
 class _Channel:
-    """Reads server messages: blocking with a deadline, or whatever is there now.
+    """One connection's socket and its :class:`~offlog.protocol.ClientConnection`:
+    reads the server's messages as events, blocking with a deadline or
+    whatever is there now.
 
     Several threads may read (a writer collecting WRITTEN, a sync waiting for
     FLUSHED): each ``recv`` and the parsing of its bytes happen under a lock
-    that is never held across a wait.
+    that is never held across a wait. WRITTEN events go to ``on_written`` at
+    once; every other event waits in order for :meth:`event`.
     """
 
-    def __init__(self, sock: socket.socket, framed: bool) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.framed = framed
+        self.conn = P.ClientConnection()
         self.eof = False
-        self.errored = False  # an ERROR frame came: the server is ending this connection
+        self.errored = False  # an ERROR came: the server is ending this connection
         self.garbled = False  # a read was cut short: the rest of the stream cannot be parsed
         self.on_written: Callable[[int], None] = lambda position: None
-        self._reader = P.FrameReader(P.SERVER_FRAMES)
-        self._frames: Deque[P.Frame] = deque()
-        self._legacy = b""
+        self._events: Deque[Any] = deque()
         self._lock = threading.Lock()
+
+    @property
+    def framed(self) -> bool:
+        return bool(self.conn.framed)
+
+    def say(self, event: Any) -> bytes:
+        """The bytes of ``event`` (sent by the caller, in order with its DATA)."""
+        return self.conn.send(event)
+
+    def end_data(self) -> None:
+        """The end of this client's data: ``shutdown(SHUT_WR)``; BYE comes back."""
+        self.conn.send(P.EndOfData())
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def answer(self, deadline: Deadline) -> Any:
+        """Handshake only (one reader): the server's next event. Its ERROR is
+        raised; an end of file is an EOFError."""
+        conn = self.conn
+        event = conn.next_event()
+        while event is P.NEED_DATA:
+            if not wait_readable(self.sock, deadline.left()):
+                deadline.left()
+                continue
+            try:
+                conn.receive_data(self.sock.recv(65536, socket.MSG_DONTWAIT))
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionResetError:
+                conn.receive_data(b"")
+            event = conn.next_event()
+        if type(event) is P.Error:
+            raise _remote(event.exception)
+        if type(event) is P.Closed:
+            raise EOFError("the offlog server closed the connection during the handshake")
+        return event
 
     def poll(self) -> None:
         """Take in whatever the server has sent, without waiting."""
@@ -182,100 +215,58 @@ class _Channel:
                         return
                     except OSError:
                         chunk = b""
-                    if not chunk:
-                        self.eof = True
-                        return
-                    self._take(chunk)
+                    self.eof = not chunk
+                    self.conn.receive_data(chunk)
+                    self._take_events()
             except BaseException:
                 # Cut short between a recv and the parse of its bytes (an interrupt,
-                # or bytes that are no frame): the stream cannot be followed any
+                # or bytes that are no message): the stream cannot be followed any
                 # more. The connection counts as ended; its owner gives it up.
                 self.garbled = self.eof = True
                 raise
 
-    def _take(self, chunk: bytes) -> None:
-        if self.framed:
-            self.feed(chunk)
-        else:
-            self._legacy += chunk
+    def _take_events(self) -> None:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            kind = type(event)
+            if kind is P.Written:
+                self.on_written(event.position)
+            elif event is P.NEED_DATA or event is P.PAUSED or kind is P.Closed:
+                return
+            else:
+                self.errored = self.errored or kind is P.Error
+                self._events.append(event)
 
     def _wait_and_poll(self, deadline: Deadline) -> None:
         if not wait_readable(self.sock, deadline.left()):
             deadline.left()  # raises TimeoutError when it is the deadline that passed
         self.poll()
 
-    def greeting(self, deadline: Deadline) -> bytes:
-        """Read the server's first bytes: SERVER_PREAMBLE from a current server,
-        anything else (an error message and EOF) from a 0.x server. Bytes after
-        the preamble are kept for :meth:`frame`."""
-        data = b""
-        while len(data) < len(P.SERVER_PREAMBLE) and P.SERVER_PREAMBLE.startswith(data):
-            chunk = self._recv(deadline)
-            if not chunk:
-                break
-            data += chunk
-        if data.startswith(P.SERVER_PREAMBLE):
-            self.feed(data[len(P.SERVER_PREAMBLE) :])
-            return P.SERVER_PREAMBLE
-        return data
-
-    def _recv(self, deadline: Deadline) -> bytes:
-        """Handshake only (one reader): the next bytes, b"" at EOF."""
-        while True:
-            if not wait_readable(self.sock, deadline.left()):
-                deadline.left()
-                continue
-            try:
-                return self.sock.recv(65536, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except ConnectionResetError:
-                return b""
-
-    def feed(self, data: bytes) -> None:
-        for f in self._reader.feed(data):
-            if f.type == P.WRITTEN:
-                self.on_written(P.decode_u64(f.payload))
-            else:
-                self.errored = self.errored or f.type == P.ERROR
-                self._frames.append(f)
-
-    def has_frames(self) -> bool:
-        return bool(self._frames)
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def closing(self) -> bool:
         """EOF, or an ERROR queued: the server is ending this connection. Other
-        frames (FLUSHED, BYE) are answers that the thread which asked will take."""
+        events (FLUSHED, BYE) are answers that the thread which asked will take."""
         return self.eof or self.errored
 
-    def frame(self, deadline: Deadline) -> P.Frame:
-        while not self._frames:
+    def event(self, deadline: Deadline) -> Any:
+        """The server's next event (FLUSHED, BYE, ERROR); EOFError once it closed."""
+        while not self._events:
             if self.eof:
                 raise EOFError("the offlog server closed the connection")
             self._wait_and_poll(deadline)
-        return self._frames.popleft()
-
-    def legacy_message(self, deadline: Deadline) -> bytes:
-        while P.NUL not in self._legacy:
-            if self.eof:
-                raise EOFError("the offlog server closed the connection")
-            self._wait_and_poll(deadline)
-        message, _, self._legacy = self._legacy.partition(P.NUL)
-        return message
+        return self._events.popleft()
 
     def server_error(self, deadline: Deadline) -> BaseException:
         """The error the server sent before closing (or a BrokenPipeError)."""
         try:
-            if self.framed:
-                while True:
-                    f = self.frame(deadline)
-                    if f.type == P.ERROR:
-                        return _remote(P.decode_error(f.payload))
             while True:
-                message = self.legacy_message(deadline)
-                if message not in LEGACY_NOT_ERRORS and message != b"BYE":
-                    return _remote(P.exception_from_text(message.decode("utf-8", "replace")))
-        except (EOFError, TimeoutError, OSError, ValueError):  # ValueError: the socket is closed already
+                event = self.event(deadline)
+                if type(event) is P.Error:
+                    return _remote(event.exception)
+        except (EOFError, TimeoutError, OSError, ValueError, P.ProtocolError):  # ValueError: the socket is closed
             return BrokenPipeError("the offlog server closed the connection")
 
 
@@ -372,7 +363,7 @@ class SocketTransport(token.Guarded):
             return self._write_slow(data)
         try:
             if type(data) is bytes and not self._slow and len(data) <= QUICK_MAX:
-                message = _DATA_HEADER(P.DATA, len(data)) + data
+                message = _DATA_HEADER(len(data)) + data
                 self._in_send = True
                 self._unconfirmed.append(data)
                 try:
@@ -504,7 +495,7 @@ class SocketTransport(token.Guarded):
         self._unconfirmed.append(payload)
         self._until_poll -= n
         backlog.consume(n)
-        self._partial = memoryview(_DATA_HEADER(P.DATA, n) + payload)
+        self._partial = memoryview(_DATA_HEADER(n) + payload)
         self._in_send = False
 
     def _interrupted_locked(self) -> None:
@@ -666,18 +657,19 @@ class SocketTransport(token.Guarded):
         if not self._framed:
             return  # a 0.x server cannot confirm writes: sent is all we know
         request = next(self._tokens)
-        position = self.locked(self._send_control, P.encode_u64(P.FLUSH, request))
+        position = self.locked(self._send_control, P.Flush(request))
         while True:
-            f = self._next_frame(deadline)
-            if f.type == P.FLUSHED and P.decode_u64(f.payload) == request:
+            event = self._next_event(deadline)
+            if type(event) is P.Flushed and event.token == request:
                 self.locked(self._unconfirmed.forget_until, position)
                 return
-            if f.type == P.ERROR:
-                raise self.locked(self._verdict, _remote(P.decode_error(f.payload)))
+            if type(event) is P.Error:
+                raise self.locked(self._verdict, _remote(event.exception))
 
-    def _next_frame(self, deadline: Deadline) -> P.Frame:
+    def _next_event(self, deadline: Deadline) -> Any:
+        """The server's next answer, watching for its end (which diverts or raises)."""
         channel = self._channel
-        while not channel.has_frames():
+        while not channel.has_events():
             self._raise_if_diverted()
             if channel.eof:
                 self.locked(self._check_control)
@@ -687,7 +679,7 @@ class SocketTransport(token.Guarded):
             wait_readable(self._sock, deadline.step(0.05))
             channel.poll()
             deadline.left()
-        return channel.frame(deadline)
+        return channel.event(deadline)
 
     def _wake_peer(self) -> None:
         """Before a wait for the server's answer: nothing to wake on the socket."""
@@ -698,11 +690,11 @@ class SocketTransport(token.Guarded):
             return self._error.with_traceback(None)
         return BrokenPipeError("the offlog server closed the connection")
 
-    def _send_control(self, message: bytes) -> int:
+    def _send_control(self, event: Any) -> int:
         """Token held: queue a control frame after every DATA frame; return the
         payload position it follows."""
         self._report_dropped_locked()
-        return self._queue_control(message)
+        return self._queue_control(self._channel.say(event))
 
     def _queue_control(self, message: bytes) -> int:
         """Token held: the frame goes out right after the frame now in flight;
@@ -721,7 +713,7 @@ class SocketTransport(token.Guarded):
         """Tell the server how many bytes the queue limit dropped (for its status and log)."""
         dropped = self._limit.dropped if self._limit else 0
         if dropped != self._dropped_reported and self._framed:
-            self._queue_control(P.encode_u64(P.DROPPED, dropped))
+            self._queue_control(self._channel.say(P.Dropped(dropped)))
             self._dropped_reported = dropped
 
     def close(self) -> None:
@@ -738,7 +730,7 @@ class SocketTransport(token.Guarded):
                     deadline.left()
                     self.idle()
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                self._channel.end_data()
             except OSError:
                 self.locked(self._lost_locked)
                 self._raise_if_diverted()
@@ -757,29 +749,21 @@ class SocketTransport(token.Guarded):
         self._update_slow()
 
     def _await_bye(self, deadline: Deadline) -> None:
-        if self._framed:
-            while True:
-                try:
-                    f = self._next_frame(deadline)
-                except (ServerGone, OSError) as exc:
-                    if self._nothing_unconfirmed():
-                        return  # every byte confirmed: nothing to re-send, nothing lost
-                    if not isinstance(exc, ServerGone):
-                        self.locked(self._divert_on_close)
-                    raise
-                if f.type == P.BYE:
-                    return
-                if f.type == P.ERROR:
-                    raise self.locked(self._verdict, _remote(P.decode_error(f.payload)))
         while True:
             try:
-                message = self._channel.legacy_message(deadline)
+                event = self._next_event(deadline) if self._framed else self._channel.event(deadline)
             except EOFError:
                 return  # 0.x confirms nothing: what was sent is all we know
-            if message == b"BYE":
+            except (ServerGone, OSError) as exc:
+                if self._nothing_unconfirmed():
+                    return  # every byte confirmed: nothing to re-send, nothing lost
+                if not isinstance(exc, ServerGone):
+                    self.locked(self._divert_on_close)
+                raise
+            if type(event) is P.Bye:
                 return
-            if message not in LEGACY_NOT_ERRORS:
-                raise self.locked(self._verdict, _remote(P.exception_from_text(message.decode("utf-8", "replace"))))
+            if type(event) is P.Error:
+                raise self.locked(self._verdict, _remote(event.exception))
 
     def _nothing_unconfirmed(self) -> bool:
         return not self._unconfirmed and not self._backlog
@@ -923,20 +907,20 @@ class ShmTransport(SocketTransport):
         deadline = Deadline(timeout_ms)
         self._drain(deadline)
         request = next(self._tokens)
-        self._producer.locked(self._send_control, P.encode_u64(P.FLUSH, request))
+        self._producer.locked(self._send_control, P.Flush(request))
         while True:
             try:
-                f = self._next_frame(deadline)
+                event = self._next_event(deadline)
             except BaseException:
                 self._raise_if_diverted()
                 raise
-            if f.type == P.FLUSHED and P.decode_u64(f.payload) == request:
+            if type(event) is P.Flushed and event.token == request:
                 return
-            if f.type == P.ERROR:
-                raise self._producer.locked(self._file_error, f)
+            if type(event) is P.Error:
+                raise self._producer.locked(self._file_error, event)
 
-    def _file_error(self, f: P.Frame) -> BaseException:
-        error = self._verdict(_remote(P.decode_error(f.payload)))
+    def _file_error(self, event: P.Error) -> BaseException:
+        error = self._verdict(_remote(event.exception))
         if isinstance(error, ServerGone):
             self._producer.divert_locked(self._lost)
             return error
@@ -960,7 +944,7 @@ class ShmTransport(SocketTransport):
                     wait_readable(self._sock, WAIT_STEP, select.POLLOUT)
             _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE
             try:
-                self._sock.shutdown(socket.SHUT_WR)
+                self._channel.end_data()
             except OSError:
                 pass  # the BYE wait below reads what happened
             self._await_bye(deadline)
@@ -980,16 +964,16 @@ class ShmTransport(SocketTransport):
     def _await_bye(self, deadline: Deadline) -> None:
         while True:
             try:
-                f = self._channel.frame(deadline)
+                event = self._channel.event(deadline)
             except EOFError:
                 if self._nothing_unconfirmed():
                     return  # every byte released by the server: nothing lost
                 self._producer.locked(self._reopen_for_divert)
                 raise ServerGone(self) from None
-            if f.type == P.BYE:
+            if type(event) is P.Bye:
                 return
-            if f.type == P.ERROR:
-                raise self._producer.locked(self._file_error, f)
+            if type(event) is P.Error:
+                raise self._producer.locked(self._file_error, event)
 
     def _reopen_for_divert(self) -> None:
         """Token held, closing, server gone with bytes unreleased: divert them."""
@@ -1039,86 +1023,83 @@ def open_transport(
 ) -> SocketTransport:
     """Connect, handshake, negotiate a ring; return the transport to use."""
     deadline = Deadline(timeout_ms)
-    reason = unsupported_reason() if shm is not False else None
-    flags = P.FSYNC if fsync else 0
-    if shm is not False:
-        flags |= P.NO_SHM_SUPPORT if reason else P.WANT_SHM
-    if shm and reason:
-        raise ShmUnavailableError(f"shm=True but this client cannot map a ring: {reason}")
-    channel = _Channel(connect(sock_path, deadline), framed=True)
-    sock = channel.sock
+    flags = _open_flags(shm, fsync)
+    channel = _Channel(connect(sock_path, deadline))
     try:
         try:
-            sock.sendall(P.CLIENT_PREAMBLE + P.encode_open(path, flags))
+            channel.sock.sendall(channel.say(P.Open(path, flags)))
         except (BrokenPipeError, ConnectionResetError):
             pass  # a 0.x server may reply and close before reading it all
-        greeting = channel.greeting(deadline)
-        if not greeting:
-            raise EOFError("the offlog server closed the connection during the handshake")
-        if greeting != P.SERVER_PREAMBLE:  # a 0.x server's error about the empty path
-            sock.close()
+        if type(channel.answer(deadline)) is P.NotFramed:  # a 0.x server's error about the empty path
+            channel.sock.close()
             if shm:
                 raise ShmUnavailableError("shm=True but the server is offlog 0.x (socket only)")
             return _open_legacy(path, sock_path, deadline, timeout_ms, limit)
-        f = channel.frame(deadline)
-        if f.type == P.ERROR:
-            raise _remote(P.decode_error(f.payload))
-        if f.type != P.OPENED:
-            raise P.ProtocolError(f"expected OPENED, got frame {f.type:#04x}")
-        version, opened_flags, note = P.decode_opened(f.payload)
-        if version != P.VERSION:
-            raise P.ProtocolError(f"server speaks protocol version {version}, this client {P.VERSION}")
-        if not opened_flags & P.SHM_OFFERED:
+        opened = channel.answer(deadline)
+        if channel.conn.state == "SOCKET":
             if shm:
-                raise ShmUnavailableError(f"shm=True but the server offered no ring: {note}")
+                raise ShmUnavailableError(f"shm=True but the server offered no ring: {opened.note}")
             return SocketTransport(channel, timeout_ms, limit)
-        offer = channel.frame(deadline)
-        if offer.type != P.SHM_OFFER:
-            raise P.ProtocolError("expected SHM_OFFER")
-        capacity, shm_name, sem_name = P.decode_offer(offer.payload)
-        transport = ShmTransport(channel, timeout_ms, limit)
-        try:
-            ring = ClientRing(capacity, shm_name, sem_name, **transport.producer_options())
-        except Exception as exc:
-            sock.sendall(P.frame(P.SHM_DECLINE, P.exception_text(exc).encode()))
-            if shm:
-                raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
-            return SocketTransport(channel, timeout_ms, limit)
-        sock.sendall(P.frame(P.SHM_ACCEPT))
-        transport.attach(ring)
-        return transport
+        return _take_offer(channel, channel.answer(deadline), shm, timeout_ms, limit)
     except BaseException:
-        sock.close()
+        channel.sock.close()
         raise
+
+
+def _open_flags(shm: Optional[bool], fsync: bool) -> int:
+    """OPEN's flags (5.6); ShmUnavailableError if a ring is required but impossible here."""
+    flags = P.FSYNC if fsync else 0
+    if shm is False:
+        return flags
+    reason = unsupported_reason()
+    if shm and reason:
+        raise ShmUnavailableError(f"shm=True but this client cannot map a ring: {reason}")
+    return flags | (P.NO_SHM_SUPPORT if reason else P.WANT_SHM)
+
+
+def _take_offer(
+    channel: _Channel, offer: P.ShmOffer, shm: Optional[bool], timeout_ms: Optional[float], limit: Optional[QueueLimit]
+) -> SocketTransport:
+    """Map the offered ring and accept it; decline it (a socket session) if that fails."""
+    transport = ShmTransport(channel, timeout_ms, limit)
+    try:
+        ring = ClientRing(offer.capacity, offer.shm_name, offer.sem_name, **transport.producer_options())
+    except Exception as exc:
+        channel.sock.sendall(channel.say(P.ShmDecline(P.exception_text(exc))))
+        if shm:
+            raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
+        return SocketTransport(channel, timeout_ms, limit)
+    channel.sock.sendall(channel.say(P.ShmAccept()))
+    transport.attach(ring)
+    return transport
+
+
+def request(sock_path: str, event: Any, timeout: Optional[float]) -> Any:
+    """Send a control request (STATUS or REOPEN instead of OPEN) and return the
+    server's answer event; its ERROR is raised."""
+    deadline = Deadline(timeout)
+    channel = _Channel(connect(sock_path, deadline))
+    try:
+        channel.sock.sendall(channel.say(event))
+        if type(channel.answer(deadline)) is P.NotFramed:
+            raise P.ProtocolError("the server at this socket takes no control requests (offlog 0.x?)")
+        return channel.answer(deadline)
+    finally:
+        channel.sock.close()
 
 
 def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = DEFAULT_TIMEOUT) -> dict:
     """Ask a running server for its status (what ``python -m offlog status`` prints)."""
-    deadline = Deadline(timeout)
-    channel = _Channel(connect(sock_path, deadline), framed=True)
-    try:
-        channel.sock.sendall(P.CLIENT_PREAMBLE + P.frame(P.STATUS))
-        if channel.greeting(deadline) != P.SERVER_PREAMBLE:
-            raise P.ProtocolError("the server at this socket does not report status (offlog 0.x?)")
-        reply = channel.frame(deadline)
-        if reply.type == P.ERROR:
-            raise P.decode_error(reply.payload)
-        if reply.type != P.STATUS_REPLY:
-            raise P.ProtocolError(f"expected STATUS_REPLY, got frame {reply.type:#04x}")
-        return json.loads(bytes(reply.payload))
-    finally:
-        channel.sock.close()
+    return request(sock_path, P.StatusRequest(), timeout).document
 
 
 def _open_legacy(
     path: str, sock_path: str, deadline: Deadline, timeout_ms: Optional[float], limit: Optional[QueueLimit]
 ) -> SocketTransport:
-    channel = _Channel(connect(sock_path, deadline), framed=False)
+    channel = _Channel(connect(sock_path, deadline))
     try:
-        channel.sock.sendall(P.encode_path(path) + P.NUL)
-        reply = channel.legacy_message(deadline)
-        if reply != b"OK":
-            raise _remote(P.exception_from_text(reply.decode("utf-8", "replace")))
+        channel.sock.sendall(channel.say(P.OpenPath(path)))
+        channel.answer(deadline)  # OK, or the server's error raised
         return SocketTransport(channel, timeout_ms, limit)
     except BaseException:
         channel.sock.close()
