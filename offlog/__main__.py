@@ -13,7 +13,7 @@ from typing import List, NoReturn, Optional
 from . import __version__
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, server_status
 from .control import REOPEN_TIMEOUT, request_reopen
-from .logger import DEBUG, INFO, WARNING, Logger
+from .loglines import DEBUG, INFO, WARNING, LineLogger
 from .shm import layout
 
 
@@ -233,13 +233,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .server import main_server
 
     try:
-        log = Logger(
+        log = LineLogger(
             "offlog",
-            args.logfile,
-            file_level=DEBUG if args.logfile else None,
+            open(args.logfile, "ab", buffering=0) if args.logfile else None,
+            file_level=DEBUG,
             stdout_level=INFO,
             stderr_level=WARNING,
-            local_file=True,
         )
     except OSError as exc:
         parser.error(f"argument -l/--logfile: {_unwritable(args.logfile, exc)}")

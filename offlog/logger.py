@@ -1,46 +1,25 @@
-"""A small, fast logger: formats a line and hands it to a file, stdout, stderr.
+"""``offlog.Logger``: the line logger whose file goes through an offlog server.
 
 Theory of operation
 -------------------
-``Logger`` only formats; the file is a :class:`~offlog.client.ProxyFile`
-(or a plain local file) and knows nothing of levels or lines. The line is
-``[YYYY-mm-dd HH:MM:SS.mmm name LEVEL] message`` plus the traceback when
-``exc_info`` asks for one.
-
-Cost. A call below every enabled level is one comparison. Otherwise the
-timestamp is formatted at most once per millisecond (the date and time up to
-the second once per second) and reused; the `` name LEVEL] `` part is made
-once per level; so a call is ``time.time()``, ``msg % args``, one f-string,
-one ``encode`` and the file's ``write`` (a copy into the ring with ``--shm``).
-Disabled outputs are stored as an infinite level, so the checks are plain
-comparisons with no ``None`` tests.
+:class:`Logger` is a :class:`~offlog.loglines.LineLogger` (which formats the
+lines and writes them; its header explains the cost of a call) with a file
+of its own making: a :class:`~offlog.client.ProxyFile` by default, or a plain
+local file with ``local_file=True``. Only this module ties the logger to the
+client; the server logs through ``LineLogger`` alone.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-import traceback
-from typing import Any, Dict, Optional, Union
+from typing import Optional
 
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, ProxyFile
+from .loglines import CRITICAL, DEBUG, ERROR, INFO, WARNING, LineLogger
 
-DEBUG = 10
-INFO = 20
-WARNING = 30
-ERROR = 40
-CRITICAL = 50
-
-LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR", CRITICAL: "CRITICAL"}
-_OFF = float("inf")
-_now = time.time
+__all__ = ["Logger", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-def level_name(level: int) -> str:
-    return LEVEL_NAMES.get(level) or f"Level {level}"
-
-
-class Logger:
+class Logger(LineLogger):
     """Log to a file (through an offlog server by default), stdout and stderr."""
 
     def __init__(
@@ -54,100 +33,13 @@ class Logger:
         offlog_socket_path: str = DEFAULT_SOCK_PATH,
         offlog_timeout: int = DEFAULT_TIMEOUT,
     ) -> None:
-        self.name = name
-        self.file_level = file_level
-        self.stdout_level = stdout_level
-        self.stderr_level = stderr_level
-        self._file: Any = None
+        file = None
         if filepath is not None and file_level is not None:
             if local_file:
-                self._file = open(filepath, "ab", buffering=0)
+                file = open(filepath, "ab", buffering=0)
             else:
-                self._file = ProxyFile(filepath, offlog_socket_path, offlog_timeout)
-        self._file_at = file_level if self._file is not None else _OFF
-        self._stdout_at = _OFF if stdout_level is None else stdout_level
-        self._stderr_at = _OFF if stderr_level is None else stderr_level
-        self._floor = min(self._file_at, self._stdout_at, self._stderr_at)
-        self._name = f" {name} " if name is not None else " "
-        self._tags: Dict[int, str] = {}
-        self._ms = -1
-        self._second = -1
-        self._second_text = ""
-        self._stamp = ""
-
-    def _tag(self, level: int) -> str:
-        tag = self._tags.get(level)
-        if tag is None:
-            tag = self._tags[level] = f"{self._name}{level_name(level)}] "
-        return tag
-
-    def _timestamp(self, ms: int) -> str:
-        second = ms // 1000
-        if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            self._second = second
-        self._ms = ms
-        self._stamp = f"[{self._second_text}.{ms % 1000:03d}"
-        return self._stamp
-
-    def format(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> str:
-        """The line for a record, as written to every output."""
-        return self._format(level, msg, args, exc_info)
-
-    def _format(self, level: int, msg: str, args: tuple, exc_info: Any) -> str:
-        ms = int(_now() * 1000)
-        stamp = self._stamp if ms == self._ms else self._timestamp(ms)
-        if args:
-            msg = msg % args
-        line = f"{stamp}{self._tags.get(level) or self._tag(level)}{msg}\n"
-        if exc_info:
-            line += _format_exc(exc_info)
-        return line
-
-    def _emit(self, level: int, msg: str, args: tuple, exc_info: Any) -> None:
-        line = self._format(level, msg, args, exc_info)
-        if level >= self._file_at:
-            self._file.write(line.encode("utf-8"))
-        if level >= self._stderr_at:
-            _emit(sys.stderr, line)
-        elif level >= self._stdout_at:
-            _emit(sys.stdout, line)
-
-    def log(self, level: int, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if level >= self._floor:
-            self._emit(level, msg, args, exc_info)
-
-    def debug(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if DEBUG >= self._floor:
-            self._emit(DEBUG, msg, args, exc_info)
-
-    def info(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if INFO >= self._floor:
-            self._emit(INFO, msg, args, exc_info)
-
-    def warning(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if WARNING >= self._floor:
-            self._emit(WARNING, msg, args, exc_info)
-
-    def error(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if ERROR >= self._floor:
-            self._emit(ERROR, msg, args, exc_info)
-
-    def exception(self, msg: str, *args: Any, exc_info: Any = True) -> None:
-        if ERROR >= self._floor:
-            self._emit(ERROR, msg, args, exc_info)
-
-    def critical(self, msg: str, *args: Any, exc_info: Any = False) -> None:
-        if CRITICAL >= self._floor:
-            self._emit(CRITICAL, msg, args, exc_info)
-
-    def flush(self) -> None:
-        """Hand every line logged so far over (the server and the streams); never
-        waits for the disk."""
-        if isinstance(self._file, ProxyFile):
-            self._file.flush()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+                file = ProxyFile(filepath, offlog_socket_path, offlog_timeout)
+        super().__init__(name, file, file_level, stdout_level, stderr_level)
 
     def sync(self, timeout: Optional[float] = None) -> None:
         """Return once the file has every line logged so far (``timeout`` in
@@ -155,33 +47,3 @@ class Logger:
         self.flush()
         if isinstance(self._file, ProxyFile):
             self._file.sync(timeout)
-
-    def close(self) -> None:
-        """Close the file. Possibly blocking. Idempotent."""
-        file, self._file = self._file, None
-        self._file_at = _OFF
-        self._floor = min(self._stdout_at, self._stderr_at)
-        if file is not None:
-            file.close()
-
-    def __enter__(self) -> "Logger":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _format_exc(exc_info: Union[bool, BaseException, tuple]) -> str:
-    if isinstance(exc_info, BaseException):
-        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
-    elif not isinstance(exc_info, tuple):
-        exc_info = sys.exc_info()
-    if exc_info[0] is None:
-        return "NoneType: None\n"
-    return "".join(traceback.format_exception(*exc_info))
-
-
-def _emit(stream: Any, line: str) -> None:
-    if stream is not None:
-        stream.write(line)
-        stream.flush()

@@ -59,7 +59,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 from . import __version__
 from . import protocol as P
 from .files import FileTable, OpenFile
-from .logger import Logger
+from .loglines import LineLogger
 from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
 from .watcher import Watcher
 
@@ -81,7 +81,7 @@ class Server:
     def __init__(
         self,
         socket_path: str,
-        log: Logger,
+        log: LineLogger,
         *,
         shm: bool = False,
         ring_size: int = DEFAULT_CAPACITY,
@@ -715,7 +715,7 @@ def notify_systemd(message: bytes = b"READY=1") -> bool:
     return True
 
 
-def main_server(args, log: Logger) -> int:
+def main_server(args, log: LineLogger) -> int:
     raise_fd_limit()
     threading.stack_size(512 * 1024)
     server = Server(

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from support import REPO, ServerProcess, shm_objects, socket_answers, wait_for
+from support import REPO, ServerProcess, client_script, shm_objects, socket_answers, wait_for
 
 import offlog
 from offlog import protocol as P
@@ -61,6 +61,30 @@ def test_startup_lines_and_own_logfile(start_server, workdir):
     for text in ("offlog INFO] This is offlog server", f"offlog INFO] Listening on socket {server.sock}"):
         assert text in server.output()
         assert text in logfile.read_text()
+
+
+CLIENT_STACK = ("offlog.client", "offlog.transports", "offlog.logger", "offlog.handler")
+
+
+def test_the_server_and_its_logging_load_no_client_code(procs, workdir):
+    """Importing the server and logging as it does (a LineLogger on a local file)
+    loads none of the client stack, whose import registers atexit and at-fork hooks."""
+    code = f"""
+        import sys
+        import offlog.server
+        from offlog.loglines import LineLogger
+
+        log = LineLogger("offlog", open({str(workdir / "server.log")!r}, "ab", buffering=0))
+        log.info("logged without the client")
+        log.close()
+        print(sorted(name for name in {CLIENT_STACK!r} if name in sys.modules))
+    """
+    proc = client_script(procs, workdir, code)
+    assert proc.returncode == 0, proc.stderr_text
+    logged, loaded = proc.stdout_text.splitlines()
+    assert loaded == "[]"
+    assert logged.endswith(" offlog INFO] logged without the client")
+    assert (workdir / "server.log").read_text() == logged + "\n"
 
 
 def test_sigterm_writes_everything_and_tells_the_client(server, workdir):
