@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from support import REPO, wait_for
 
+from offlog import protocol as P
+
 PREAMBLE = b"\0OFFLOG\0"
 GREETING = b"OFFLOG\0"
 WANT_SHM = 1
@@ -456,3 +458,74 @@ def test_a_new_open_moves_the_path_to_the_file_now_there(server, workdir):
             assert os.pread(kept, 100, 0) == b"before\n"
         finally:
             os.close(kept)
+
+
+def _doc_states(heading: str) -> list:
+    """The state names of one table of docs/protocol.md 5.7, in order."""
+    text = PROTOCOL_MD.read_text().split("### 5.7", 1)[1].split(heading, 1)[1]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| State")) + 2  # header, |---|
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line.split("|")[1].strip())
+    return rows
+
+
+def test_the_state_tables_of_the_document_are_the_machines_tables():
+    """(5.7) Each table lists exactly the states of its machine, in the machine's order,
+    and every state named as a next state is one of them."""
+    for heading, receives, sends in (
+        ("Client states:", P.CLIENT_RECEIVES, P.CLIENT_SENDS),
+        ("Server states:", P.SERVER_RECEIVES, P.SERVER_SENDS),
+    ):
+        machine = list(receives)
+        assert _doc_states(heading) == machine
+        assert list(sends) == machine
+        targets = {state for table in (receives, sends) for row in table.values() for state in row.values()}
+        assert targets <= set(machine)
+
+
+def _worked_example_streams() -> dict:
+    """(9) The two byte streams of the worked example's 'whole conversation' block."""
+    text = PROTOCOL_MD.read_text().split("The whole conversation, as one stream per direction:", 1)[1]
+    block = text.split("```", 2)[1]
+    streams: dict = {}
+    for line in block.splitlines():
+        if line.endswith(":"):
+            direction = line[:-1]
+            streams[direction] = b""
+        elif line.strip():
+            streams[direction] += bytes.fromhex(re.match(r"((?:[0-9a-f]{2} ?)+)", line).group(1))
+    return streams
+
+
+def test_the_worked_example_is_what_the_connection_machines_say():
+    """(9) The documented session, byte for byte, is what a ClientConnection and a
+    ServerConnection produce, and each side reads the other's bytes as the events sent."""
+    client, server = P.ClientConnection(), P.ServerConnection()
+    to_server = client.send(P.Open("/tmp/app.log", 0))
+    server.receive_data(to_server)
+    assert server.next_event() == P.Preamble()
+    to_client = server.send(P.Greeting())
+    assert server.next_event() == P.Open("/tmp/app.log", 0, 2)
+    to_client += server.send(P.Opened(note="server started without --shm"))
+    client.receive_data(to_client)
+    assert client.next_event() == P.Greeting()
+    assert client.next_event() == P.Opened(0, "server started without --shm", 2)
+    more = client.send(P.Data(memoryview(b"hello\n"))) + client.send(P.Flush(1))
+    client.send(P.EndOfData())
+    to_server += more
+    server.receive_data(more)
+    server.receive_data(b"")
+    assert [bytes(server.next_event().payload), server.next_event()] == [b"hello\n", P.Flush(1)]
+    answer = server.send(P.Flushed(1))
+    assert server.next_event() == P.EndOfData()
+    answer += server.send(P.Bye())
+    to_client += answer
+    client.receive_data(answer)
+    client.receive_data(b"")
+    assert [client.next_event(), client.next_event(), client.next_event()] == [P.Flushed(1), P.Bye(), P.Closed()]
+    assert (client.state, server.state) == ("CLOSED", "CLOSED")
+    assert _worked_example_streams() == {"client -> server": to_server, "server -> client": to_client}

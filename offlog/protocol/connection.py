@@ -114,6 +114,7 @@ CLIENT_RECEIVES: Table = {
     "CLOSING": {"Flushed": "CLOSING", "Written": "CLOSING", "Bye": "CLOSED", "Error": "CLOSED", "Closed": "CLOSED"},
     "REQUESTED": {"StatusReply": "CLOSED", "Reopened": "CLOSED", "Error": "CLOSED", "Closed": "CLOSED"},
     "CLOSED": {"Closed": "CLOSED"},
+    "ERROR": {},
 }
 #: state -> {event sent: next state}
 CLIENT_SENDS: Table = {
@@ -131,6 +132,7 @@ CLIENT_SENDS: Table = {
     # thread read its ERROR): what is sent now goes nowhere, and the owner
     # learns of the end from the events it reads.
     "CLOSED": {"Data": "CLOSED", "Flush": "CLOSED", "Dropped": "CLOSED", "EndOfData": "CLOSED"},
+    "ERROR": {},
 }
 
 # Frame type -> the event it carries (each side receives only its peer's frames).

@@ -286,26 +286,6 @@ def _check_path(raw: bytes) -> None:
         raise ValueError(f"path of {len(raw)} bytes is longer than PATH_MAX ({PATH_MAX})")
 
 
-class LegacyPath:
-    """Incremental reader of the legacy handshake ``<path>\\0``.
-
-    ``feed`` returns None until the terminator arrives, then
-    ``(path_bytes, rest)`` where ``rest`` is whatever followed it.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> Optional[Tuple[bytes, bytes]]:
-        self._buf += data
-        end = self._buf.find(NUL)
-        if end < 0:
-            if len(self._buf) >= PATH_MAX:
-                raise ValueError(f"no NUL within {PATH_MAX} bytes: path too long or not a path")
-            return None
-        return bytes(self._buf[:end]), bytes(self._buf[end + 1 :])
-
-
 # ---------------------------------------------------------------------------
 # Errors <-> exceptions
 # ---------------------------------------------------------------------------
