@@ -213,6 +213,18 @@ class _Connection:
         self.state = following
         return event
 
+    def _match(self, preamble: bytes, event: Any) -> Any:
+        """The peer's first bytes: ``event`` once they are ``preamble`` (what
+        follows it is framed), NEED_DATA while they may still become it, None
+        when they cannot (the other dialect)."""
+        if self._raw.startswith(preamble):
+            self.framed = True
+            self._raw = self._raw[len(preamble) :]
+            return self._received(event)
+        if preamble.startswith(self._raw) and not self._eof:
+            return NEED_DATA
+        return None
+
     def _broken(self, detail: str) -> ProtocolError:
         self.state = "ERROR"
         return ProtocolError(detail)
@@ -256,13 +268,10 @@ class ServerConnection(_Connection):
         return self._received(E.Closed())  # OPEN, OFFERED: the handshake was never finished
 
     def _preamble(self) -> Any:
+        matched = self._match(W.CLIENT_PREAMBLE, E.Preamble())
+        if matched is not None:
+            return matched
         raw = self._raw
-        if raw.startswith(W.CLIENT_PREAMBLE):
-            self.framed = True
-            self._raw = raw[len(W.CLIENT_PREAMBLE) :]
-            return self._received(E.Preamble())
-        if W.CLIENT_PREAMBLE.startswith(raw) and not self._eof:
-            return NEED_DATA  # could still become the preamble
         # 0.x: the bytes so far start a path (an EOF inside the preamble ends an empty one)
         self.framed = False
         end = raw.find(W.NUL)
@@ -423,13 +432,10 @@ class ClientConnection(_Connection):
         return self._received(E.Closed())
 
     def _greeting(self) -> Any:
+        matched = self._match(W.SERVER_PREAMBLE, E.Greeting())
+        if matched is not None:
+            return matched
         raw = self._raw
-        if raw.startswith(W.SERVER_PREAMBLE):
-            self.framed = True
-            self._raw = raw[len(W.SERVER_PREAMBLE) :]
-            return self._received(E.Greeting())
-        if W.SERVER_PREAMBLE.startswith(raw) and not self._eof:
-            return NEED_DATA
         if not raw:
             return self._closed()
         # A 0.x server refusing the empty path (5.2): its error text ends in NUL.
