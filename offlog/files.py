@@ -167,15 +167,13 @@ class OpenFile:
         if self._open_error is not None:
             raise self._open_error
 
-    def append(self, parts: Sequence[Buffer], fsync: bool = False) -> int:
+    def append(self, parts: Sequence[Buffer]) -> int:
         """Write ``parts`` back to back as one append, all or nothing; return bytes written."""
         with self.lock:
             try:
                 if self.gone is not None:
                     raise OSError(self.gone.errno, self.gone.strerror, self.path)
                 total = _append_whole(self.fd, parts)
-                if fsync:
-                    os.fsync(self.fd)
             except OSError as exc:
                 self.errors += 1
                 raise _naming(exc, self.path) from None

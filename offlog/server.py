@@ -702,8 +702,8 @@ def raise_fd_limit() -> None:
         pass
 
 
-def notify_systemd(message: bytes = b"READY=1") -> bool:
-    """Send one datagram to $NOTIFY_SOCKET (the whole sd_notify protocol)."""
+def notify_systemd() -> bool:
+    """Send READY=1 to $NOTIFY_SOCKET: one datagram, the whole sd_notify protocol."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -711,7 +711,7 @@ def notify_systemd(message: bytes = b"READY=1") -> bool:
         address = "\0" + address[1:]  # abstract namespace
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0)) as sock:
         sock.connect(address)
-        sock.sendall(message)
+        sock.sendall(b"READY=1")
     return True
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 MAGIC = int.from_bytes(b"OFFLOGR1", "little")
 VERSION = 1
-CACHE_LINE = 64
 
 # Word indices into memoryview.cast("Q") of the mapping.
 MAGIC_WORD = 0

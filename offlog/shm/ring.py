@@ -440,7 +440,6 @@ class Consumer:
 
     def __init__(self, mapping: Buffer, capacity: int) -> None:
         self._words, self._data = _words_and_data(mapping, capacity)
-        self._size = len(memoryview(mapping))
         layout.init_header(self._words, capacity)
         self._capacity = capacity
         self._tail = 0
