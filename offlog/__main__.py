@@ -11,8 +11,7 @@ import sys
 from typing import List, NoReturn, Optional
 
 from . import __version__
-from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, server_status
-from .control import REOPEN_TIMEOUT, request_reopen
+from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, REOPEN_TIMEOUT
 from .loglines import DEBUG, INFO, WARNING, LineLogger
 from .shm import layout
 
@@ -173,6 +172,8 @@ def render_status(status: dict) -> str:
 
 
 def status_main(argv: List[str]) -> int:
+    from .transports import server_status  # a client's work: the server process never loads it
+
     args = status_parser().parse_args(argv)
     try:
         status = server_status(args.socket_file, args.timeout)
@@ -201,6 +202,8 @@ def reopen_parser() -> argparse.ArgumentParser:
 
 def reopen_main(argv: List[str]) -> int:
     """Exit 0 once every file is reopened; 1 with the reasons on stderr otherwise."""
+    from .control import request_reopen  # a client's work: the server process never loads it
+
     args = reopen_parser().parse_args(argv)
     try:
         result = request_reopen(args.socket_file, args.timeout)

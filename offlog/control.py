@@ -19,11 +19,8 @@ from __future__ import annotations
 from typing import Optional
 
 from . import protocol as P
-from .transports import DEFAULT_SOCK_PATH, request
-
-#: Milliseconds ``offlog reopen`` waits for the answer by default (the server
-#: waits up to 5 s for each file that is busy writing).
-REOPEN_TIMEOUT = 60_000
+from .defaults import DEFAULT_SOCK_PATH, REOPEN_TIMEOUT
+from .transports import request
 
 
 def request_reopen(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = REOPEN_TIMEOUT) -> dict:

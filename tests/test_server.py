@@ -67,10 +67,12 @@ CLIENT_STACK = ("offlog.client", "offlog.transports", "offlog.logger", "offlog.h
 
 
 def test_the_server_and_its_logging_load_no_client_code(procs, workdir):
-    """Importing the server and logging as it does (a LineLogger on a local file)
-    loads none of the client stack, whose import registers atexit and at-fork hooks."""
+    """Importing the server and its command line (what ``python -m offlog`` runs)
+    and logging as it does (a LineLogger on a local file) loads none of the client
+    stack, whose import registers atexit and at-fork hooks."""
     code = f"""
         import sys
+        import offlog.__main__
         import offlog.server
         from offlog.loglines import LineLogger
 

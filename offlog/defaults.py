@@ -1,0 +1,13 @@
+"""Defaults that the server, the client and the command line share.
+
+This module imports nothing, so the server process can name them without
+loading the client stack.
+"""
+
+#: Where the server listens and clients connect unless told otherwise (docs/protocol.md 1).
+DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
+#: Milliseconds a client waits for the server, as in offlog 0.x's documentation (and unlike its code).
+DEFAULT_TIMEOUT = 5000
+#: Milliseconds ``offlog reopen`` waits for the answer by default (the server
+#: waits up to 5 s for each file that is busy writing).
+REOPEN_TIMEOUT = 60_000
