@@ -316,6 +316,11 @@ class Session:
         self.file: Optional[OpenFile] = None
         self.fsync = False
         self.ring: Optional[ServerRing] = None
+        # Other threads touch the ring too (the control watcher posts its doorbell, a
+        # stop wakes it, a status query reads its header): under this lock, and never
+        # once it is closed (a post to a closed semaphore could land on freed memory).
+        self._ring_lock = threading.Lock()
+        self._ring_closed = False
         self.sock_ready = True  # the control socket has something (at first: frames that came with the handshake)
         self.finished = threading.Event()
         self.pid, self.uid = peer_credentials(sock)
@@ -349,10 +354,12 @@ class Session:
             self._close()
 
     def status(self) -> dict:
-        if self.ring is not None:
-            transport, backlog = "shm", self.ring.consumer.unconsumed()
-        else:
-            transport, backlog = "socket", self.conn.pending
+        """This client's line of the status report (any thread, at any moment)."""
+        with self._ring_lock:
+            if self.ring is not None:
+                transport, backlog = "shm", 0 if self._ring_closed else self.ring.consumer.unconsumed()
+            else:
+                transport, backlog = "socket", self.conn.pending
         return {
             "id": self.id,
             "pid": self.pid,
@@ -372,10 +379,7 @@ class Session:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-        ring = self.ring
-        if ring is not None:
-            self.sock_ready = True
-            ring.ring_doorbell()
+        self._ring_doorbell()
 
     # -- handshake ---------------------------------------------------------
     def _handshake(self) -> None:
@@ -460,9 +464,9 @@ class Session:
         self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
 
     def _ring_declined(self, event: P.ShmDecline) -> None:
-        self.ring.unlink()
-        self.ring.close()
-        self.ring = None
+        self._close_ring()
+        with self._ring_lock:
+            self.ring = None
         self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {event.reason})")
 
     def _refuse(self, line: str, error: BaseException) -> "_Reported":
@@ -591,11 +595,11 @@ class Session:
             watcher.forget(fd)
 
     def _ring_doorbell(self) -> None:
-        """The watcher saw the control socket readable: wake the ring loop."""
+        """Any thread: the control socket has news (or the server stops): wake the ring loop."""
         self.sock_ready = True
-        ring = self.ring
-        if ring is not None:
-            ring.ring_doorbell()
+        with self._ring_lock:
+            if self.ring is not None and not self._ring_closed:
+                self.ring.ring_doorbell()
 
     def _drain_ring(self) -> bool:
         """Write everything published in the ring; True if there was anything."""
@@ -645,12 +649,17 @@ class Session:
         except OSError:
             pass
 
+    def _close_ring(self) -> None:
+        with self._ring_lock:
+            if self.ring is not None and not self._ring_closed:
+                self._ring_closed = True
+                self.ring.close()
+
     def _close(self) -> None:
         server = self.server
         try:
             self.sock.close()
-            if self.ring is not None:
-                self.ring.close()
+            self._close_ring()
             if self.dropped:
                 server.warn(f"Client {self.id} dropped {self.dropped} bytes (its local queue was full)")
                 server.dropped_closed += self.dropped

@@ -8,6 +8,11 @@ syscall on its hot path but must notice that its server hung up. One
 ``epoll`` set. Registrations are one-shot: after a callback the descriptor
 stays quiet until :meth:`Watcher.rearm` (or forever, if nobody re-arms it),
 so a socket whose data is not read yet cannot make the thread spin.
+
+Callbacks run under the watcher's lock, so :meth:`Watcher.forget` returns
+only once no callback for that descriptor is running: its owner may then
+close what the callback touches (a server session's doorbell semaphore, a
+client's ring). Callbacks must be short and take no lock of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ class Watcher:
         self._events = events | select.EPOLLONESHOT
         self._epoll = select.epoll()
         self._callbacks: Dict[int, Callable[[], None]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a callback may forget or re-watch its own descriptor
         self._stop_r, self._stop_w = os.pipe()
         self._epoll.register(self._stop_r, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -38,6 +43,7 @@ class Watcher:
         self._epoll.modify(fd, self._events)
 
     def forget(self, fd: int) -> None:
+        """Stop watching ``fd``; returns after a callback for it that is running now."""
         with self._lock:
             if self._callbacks.pop(fd, None) is None:
                 return
@@ -57,5 +63,5 @@ class Watcher:
                     return
                 with self._lock:
                     callback = self._callbacks.get(fd)
-                if callback is not None:
-                    callback()
+                    if callback is not None:
+                        callback()

@@ -396,3 +396,34 @@ def test_killed_server_leaves_rings_that_the_next_server_sweeps(start_server, wo
     again.wait_log("left by a dead server")
     assert shm_objects([server.pid]) == set()
     again.stop()
+
+
+def test_status_answers_while_ring_sessions_come_and_go(shm_server, workdir):
+    """A status query reads every ring session's header; one that races a session
+    closing its ring still answers (a closed ring reports an empty backlog)."""
+    from offlog.client import server_status
+
+    stop = threading.Event()
+    cycles = []
+
+    def churn() -> None:
+        while not stop.is_set():
+            f = offlog.ProxyFile(str(workdir / "churn.log"), shm_server.sock, shm=True)
+            f.write(b"x" * 100 + b"\n")
+            f.close()
+            cycles.append(1)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    answers, saw_rings = 0, 0
+    try:
+        while (answers < 300 or saw_rings < 20) and answers < 20_000:
+            answer = server_status(shm_server.sock, 30_000)  # raises if the server could not answer
+            answers += 1
+            saw_rings += any(client["transport"] == "shm" for client in answer["clients"])
+    finally:
+        stop.set()
+        churner.join(60)
+    assert not churner.is_alive()
+    assert saw_rings >= 20, "the queries never met ring sessions: the race was not exercised"
+    assert (workdir / "churn.log").read_bytes() == (b"x" * 100 + b"\n") * len(cycles)
