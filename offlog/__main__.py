@@ -11,7 +11,7 @@ import sys
 from typing import List, NoReturn, Optional
 
 from . import __version__
-from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, REOPEN_TIMEOUT
+from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, REOPEN_TIMEOUT
 from .loglines import DEBUG, INFO, WARNING, LineLogger
 from .shm import layout
 
@@ -42,6 +42,17 @@ def ring_size(text: str) -> int:
             f"{text} ({value} bytes) is not a power of two from {layout.MIN_CAPACITY >> 10}K"
             f" to {layout.MAX_CAPACITY >> 30}G, such as 4M"
         ) from None
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def file_mode(text: str) -> int:
@@ -96,6 +107,20 @@ def server_parser() -> argparse.ArgumentParser:
         "--ring-size",
         type=ring_size,
         help="Bytes per client ring with --shm, a power of two from 64K to 1G (default 4M).",
+    )
+    p.add_argument(
+        "--max-ring-memory",
+        type=size,
+        metavar="BYTES",
+        help="Ring bytes of all clients together at most (e.g. 512M); past it clients get the socket. "
+        "Default: 1G, or half of /dev/shm if smaller.",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=seconds,
+        default=HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="Seconds a new connection has, in all, to complete its handshake. Default: 10.",
     )
     p.add_argument(
         "--socket-mode",

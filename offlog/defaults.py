@@ -11,3 +11,5 @@ DEFAULT_TIMEOUT = 5000
 #: Milliseconds ``offlog reopen`` waits for the answer by default (the server
 #: waits up to 5 s for each file that is busy writing).
 REOPEN_TIMEOUT = 60_000
+#: Seconds a new connection has, in all, to complete its handshake (the server's --handshake-timeout).
+HANDSHAKE_TIMEOUT = 10.0

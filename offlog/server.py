@@ -58,13 +58,15 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as P
+from .defaults import HANDSHAKE_TIMEOUT
 from .files import FileTable, OpenFile
 from .loglines import LineLogger
 from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
 from .watcher import Watcher
 
-#: Seconds a new connection has to complete its handshake.
-HANDSHAKE_TIMEOUT = 10.0
+#: Ring memory (data bytes of all rings) at most, unless --max-ring-memory says otherwise:
+#: this, or half of /dev/shm if that is smaller.
+MAX_RING_MEMORY = 1 << 30
 #: Seconds the server waits for sessions to finish writing when stopping.
 STOP_GRACE = 10.0
 RECV_SIZE = 256 * 1024
@@ -87,9 +89,15 @@ class Server:
         ring_size: int = DEFAULT_CAPACITY,
         socket_mode: Optional[int] = None,
         socket_group: Optional[str] = None,
+        max_ring_memory: Optional[int] = None,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.socket_path = socket_path
         self.ring_size = check_capacity(ring_size) if shm else ring_size
+        self.max_ring_memory = default_ring_memory() if max_ring_memory is None else max_ring_memory
+        self.ring_memory = 0  # data bytes of the rings that exist now
+        self._ring_memory_lock = threading.Lock()
+        self.handshake_timeout = handshake_timeout
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.started = time.time()
@@ -227,6 +235,8 @@ class Server:
             "shm": {
                 "offered": self.shm_unavailable is None,
                 "ring_size": self.ring_size,
+                "ring_memory": self.ring_memory,
+                "max_ring_memory": self.max_ring_memory,
                 "why_not": self.shm_unavailable,
             },
             "clients": [s.status() for s in sessions if s.file is not None],
@@ -244,6 +254,21 @@ class Server:
             "recent_errors": list(self.recent_errors),
             "dropped_bytes": self.dropped_closed + sum(s.dropped for s in sessions),
         }
+
+    def reserve_ring(self) -> Optional[str]:
+        """Count one more ring against --max-ring-memory; or why not (the client gets the socket)."""
+        with self._ring_memory_lock:
+            if self.ring_memory + self.ring_size > self.max_ring_memory:
+                return (
+                    f"ring memory limit reached ({self.ring_memory} bytes in rings, "
+                    f"--max-ring-memory {self.max_ring_memory})"
+                )
+            self.ring_memory += self.ring_size
+            return None
+
+    def release_ring(self) -> None:
+        with self._ring_memory_lock:
+            self.ring_memory -= self.ring_size
 
     def session_done(self, session: "Session") -> None:
         with self._sessions_lock:
@@ -386,7 +411,7 @@ class Session:
         """Read the handshake (either dialect), open the file, offer a ring.
         Returns once the data phase starts; frames that came with the
         handshake wait in the connection for the data path."""
-        self.sock.settimeout(HANDSHAKE_TIMEOUT)
+        self._handshake_ends = time.monotonic() + self.server.handshake_timeout
         steps = {
             P.Preamble: self._greet,
             P.OpenPath: self._open_legacy,
@@ -407,9 +432,13 @@ class Session:
         event = self.conn.next_event()
         while event is P.NEED_DATA:
             try:
+                left = self._handshake_ends - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                self.sock.settimeout(left)
                 chunk = self.sock.recv(RECV_SIZE)
             except socket.timeout:
-                raise TimeoutError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s") from None
+                raise TimeoutError(f"no handshake within {self.server.handshake_timeout:g} s") from None
             if not chunk and self.server.stopping:
                 raise SERVER_EXITED
             self.conn.receive_data(chunk)
@@ -447,11 +476,12 @@ class Session:
     def _open_framed(self, event: P.Open) -> None:
         self.fsync = bool(event.flags & P.FSYNC)
         self._open(event.path)
-        reason = self._offer_reason(event.flags)
+        reason = self._offer_reason(event.flags) or self.server.reserve_ring()
         if reason is None:
             try:
                 self.ring = ServerRing(self.server.ring_size)
             except Exception as exc:
+                self.server.release_ring()
                 reason = f"could not create the ring: {exc}"
         if self.ring is None:
             self._say(P.Opened(note=reason))
@@ -654,6 +684,7 @@ class Session:
             if self.ring is not None and not self._ring_closed:
                 self._ring_closed = True
                 self.ring.close()
+                self.server.release_ring()
 
     def _close(self) -> None:
         server = self.server
@@ -724,6 +755,15 @@ def notify_systemd() -> bool:
     return True
 
 
+def default_ring_memory() -> int:
+    """MAX_RING_MEMORY, or half of /dev/shm if that is smaller."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return MAX_RING_MEMORY
+    return min(MAX_RING_MEMORY, st.f_blocks * st.f_frsize // 2)
+
+
 def main_server(args, log: LineLogger) -> int:
     raise_fd_limit()
     threading.stack_size(512 * 1024)
@@ -734,6 +774,8 @@ def main_server(args, log: LineLogger) -> int:
         ring_size=DEFAULT_CAPACITY if args.ring_size is None else args.ring_size,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
+        max_ring_memory=args.max_ring_memory,
+        handshake_timeout=args.handshake_timeout,
     )
     log.info("This is offlog server")
     try:
@@ -748,7 +790,10 @@ def main_server(args, log: LineLogger) -> int:
         if server.shm_unavailable:
             log.warning(f"Shared memory disabled: {server.shm_unavailable}")
         else:
-            log.info(f"Offering shared-memory rings of {server.ring_size} bytes")
+            log.info(
+                f"Offering shared-memory rings of {server.ring_size} bytes, "
+                f"{server.max_ring_memory} bytes of rings at most"
+            )
     elif args.ring_size is not None:
         log.warning("--ring-size has no effect without --shm")
     if args.notify and not notify_systemd():
