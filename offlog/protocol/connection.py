@@ -185,14 +185,15 @@ class _Connection:
             raise ProtocolError(f"bytes after the end of file in state {self.state}")
         if not data:
             self._eof = True
-        elif self.framed and not self._raw:
+        elif self.framed and not self._raw and self.state != "GREETING":
             self._ready.extend(self._feed_frames(data))
         else:
             self._raw += data
 
     def _next_frame(self) -> Optional[W.Frame]:
-        """The next whole frame, or None. Bytes that came with the preamble are
-        parsed only now, so the preamble's event comes out before their error."""
+        """The next whole frame, or None. Bytes that came with the preamble, or
+        while the server owed its greeting, are parsed only now, so their error
+        comes out after the greeting (5.9)."""
         if self._raw:
             raw, self._raw = self._raw, b""
             self._ready.extend(self._feed_frames(raw))
@@ -496,7 +497,7 @@ LEGACY_NOT_ERRORS = (b"OK", b"ROTATED")
 def _json_object(payload: memoryview, what: str) -> dict:
     try:
         document = json.loads(bytes(payload).decode("utf-8"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(document, dict):
         raise ProtocolError(f"{what} is not a JSON object")

@@ -225,7 +225,10 @@ def decode_offer(payload: bytes) -> Tuple[int, str, str]:
     names = payload[_U64.size :].split(NUL)
     if len(names) != 2 or not all(names):
         raise ProtocolError("SHM_OFFER needs two names")
-    return capacity, names[0].decode(), names[1].decode()
+    try:
+        return capacity, names[0].decode(), names[1].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("SHM_OFFER names are not UTF-8") from None
 
 
 def encode_u64(ftype: int, value: int) -> bytes:
@@ -251,7 +254,7 @@ def decode_reopened(payload: bytes) -> dict:
     """``{"reopened": [path, ...], "failed": [{"path": ..., "error": ...}, ...]}``."""
     try:
         document = json.loads(bytes(payload).decode("utf-8"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise ProtocolError(f"REOPENED is not UTF-8 JSON: {exc}") from None
     if not (
         isinstance(document, dict)
@@ -319,19 +322,23 @@ def decode_error(payload: bytes) -> BaseException:
 def exception_from_text(text: str, code: Optional[int] = None) -> BaseException:
     """Re-create the exception a peer described as ``"<Class>: <message>"``.
 
-    Only builtin ``Exception`` subclasses are instantiated. ``OSError``
+    Only builtin ``Exception`` subclasses are instantiated, and only those
+    built from a message alone (not ``UnicodeDecodeError``). ``OSError``
     subclasses get their errno back (from ``code``, or parsed from an
-    ``[Errno N]`` prefix in the message) so ``exc.errno`` works as usual.
+    ``[Errno N]`` prefix in the message, N in ASCII digits) so ``exc.errno``
+    works as usual.
     """
     name, sep, message = text.partition(": ")
     cls = getattr(builtins, name, None) if sep else None
     if not (isinstance(cls, type) and issubclass(cls, Exception)):
         cls, message = OSError, text
-    if issubclass(cls, OSError):
-        if message.startswith("[Errno "):
-            number, _, rest = message[len("[Errno ") :].partition("] ")
-            if number.isdigit():
-                code, message = code or int(number), rest
-        if code:
-            return cls(code, message)
-    return cls(message)
+    if not issubclass(cls, OSError):
+        try:
+            return cls(message)
+        except TypeError:  # its constructor wants more than a message: as if unknown
+            cls, message = OSError, text
+    if message.startswith("[Errno "):
+        number, _, rest = message[len("[Errno ") :].partition("] ")
+        if number.isascii() and number.isdigit():
+            code, message = code or int(number), rest
+    return cls(code, message) if code else cls(message)
