@@ -24,7 +24,9 @@ Rules
 3. Both dialects: a 0.x path handshake (``OpenPath``, then raw bytes as
    ``Data``) and the framed dialect. Which one is spoken shows in
    :attr:`framed`; the states and tables are the same, the bytes differ.
-4. Hot paths may bypass :meth:`send` for DATA (the client's socket write
+4. Messages that the 0.x dialect has no form for (FLUSH, WRITTEN, a ring
+   offer, ...) are a ProtocolError to send on a 0.x connection.
+5. Hot paths may bypass :meth:`send` for DATA (the client's socket write
    packs its header with :func:`~offlog.protocol.wire.data_header`): a DATA
    sent in SOCKET keeps the state SOCKET, so skipping the table changes
    nothing but the cost (about 0.3 us a call).
@@ -336,6 +338,8 @@ class ServerConnection(_Connection):
     def send(self, event: Any) -> bytes:
         """The bytes that say ``event`` to the client."""
         owed_greeting = self.state == "GREETING" and type(event) is E.Error
+        if self.framed is False and type(event) not in _LEGACY_REPLIES:
+            raise ProtocolError(f"cannot send {E.key(event)} in state {self.state} of the 0.x dialect, which has no form for it")
         self._sending(event)
         if self.framed:
             data = _server_frames(event)
@@ -364,15 +368,19 @@ def _server_frames(event: Any) -> bytes:
     return W.frame(W.REOPENED, json.dumps(event.document).encode("utf-8"))  # Reopened
 
 
+#: What a server can say to a 0.x client (it confirms nothing, offers no ring).
+_LEGACY_REPLIES = (E.Opened, E.Bye, E.Error)
+#: What a client can say to a 0.x server (raw bytes and their end).
+_LEGACY_REQUESTS = (E.OpenPath, E.Data, E.EndOfData)
+
+
 def _legacy_reply(event: Any) -> bytes:
     kind = type(event)
     if kind is E.Opened:
         return W.LEGACY_OK
     if kind is E.Bye:
         return W.LEGACY_BYE
-    if kind is E.Error:
-        return W.encode_legacy_error(event.exception)
-    return b""  # WRITTEN has no 0.x form: a 0.x client confirms nothing
+    return W.encode_legacy_error(event.exception)
 
 
 class ClientConnection(_Connection):
@@ -388,8 +396,10 @@ class ClientConnection(_Connection):
     def send(self, event: Any) -> bytes:
         """The bytes that say ``event`` to the server (``EndOfData``: none; shut
         the socket's write side)."""
-        self._sending(event)
         kind = type(event)
+        if self.framed is False and kind not in _LEGACY_REQUESTS:
+            raise ProtocolError(f"cannot send {E.key(event)} in state {self.state} of the 0.x dialect, which has no form for it")
+        self._sending(event)
         if kind is E.Data:
             return W.data_header(len(event.payload)) + bytes(event.payload) if self.framed else bytes(event.payload)
         if kind is E.Flush:
