@@ -64,7 +64,7 @@ from .transports import (
     QueueLimit,
     ServerGone,
     ShmUnavailableError,
-    SocketTransport,
+    Transport,
     admit_all,
     open_transport,
     reported_by_server,
@@ -203,7 +203,7 @@ class ProxyFile:
         self._transport = _Closed(0)
 
     # -- transports -------------------------------------------------------------
-    def _open_transport(self) -> SocketTransport:
+    def _open_transport(self) -> Transport:
         transport = open_transport(self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit)
         if self.reconnect:
             transport.on_lost = self._server_lost
@@ -283,7 +283,7 @@ class _Reconnecting(token.Guarded):
         self._token = token.new()
         self._reentered: Deque[bytes] = deque()
         self._diverted = None  # a reconnector forwards through _replacement instead
-        self._replacement: Optional[SocketTransport] = None
+        self._replacement: Optional[Transport] = None
         self._returned: Optional[Backlog] = None  # what a transport lost during the hand-over gave back
         self._error: Optional[BaseException] = None
         self._done = threading.Event()
@@ -390,7 +390,7 @@ class _Reconnecting(token.Guarded):
                     self._pump(transport)
                 return
 
-    def _hand_over(self, transport: SocketTransport) -> bool:
+    def _hand_over(self, transport: Transport) -> bool:
         """Move the backlog into ``transport`` and install it; False if it lost its
         server meanwhile (then every byte is back in the backlog, in order)."""
         while True:
@@ -433,7 +433,7 @@ class _Reconnecting(token.Guarded):
         self._backlog = backlog
         return False
 
-    def _pump(self, transport: SocketTransport) -> None:
+    def _pump(self, transport: Transport) -> None:
         """Keep handing the new transport's backlog over until it is empty."""
         try:
             while not self._stopped and transport.pump():
@@ -451,7 +451,7 @@ class _Reconnecting(token.Guarded):
         self._error = exc
         self._done.set()
 
-    def _await(self, timeout_ms: Optional[float]) -> SocketTransport:
+    def _await(self, timeout_ms: Optional[float]) -> Transport:
         self.start()
         if self._thread is None and not self._done.is_set():  # no thread to be had: reconnect here
             self._run(Deadline(timeout_ms))

@@ -44,7 +44,7 @@ import time
 from collections import deque
 from itertools import islice
 from types import CodeType
-from typing import Any, Deque, FrozenSet
+from typing import Any, Deque, FrozenSet, Optional
 
 #: Yields between two looks at the stacks of all threads.
 YIELDS_PER_LOOK = 64
@@ -139,11 +139,14 @@ class Guarded:
     the transport that took over (a divert: the bytes go there). A write that
     finds its own thread holding the token further out (a signal handler)
     queues its bytes in ``_reentered``; the interrupted call's owner moves
-    them on first thing under the token (``_take_reentered``). An exception
-    with the token held calls ``_after_exception`` before the token goes back.
+    them on first thing under the token (:meth:`_settle_locked`), and
+    finishes a divert that an interrupt cut short (``_handover`` is what it
+    was handing to ``_divert_to``). An exception with the token held calls
+    ``_after_exception`` before the token goes back.
 
     Subclasses set ``_token``, ``_reentered``, ``_backlog``, ``_diverted``,
-    ``_closed`` and ``HOLDING`` (the code objects that may hold the token).
+    ``_closed`` and ``HOLDING`` (the code objects that may hold the token);
+    those that divert also ``_handover`` and ``_divert_to``.
     """
 
     HOLDING: FrozenSet[CodeType] = frozenset()
@@ -152,6 +155,13 @@ class Guarded:
     _backlog: Any
     _diverted: Any
     _closed: bool
+    _handover: Any = None
+    _divert_to: Any = None
+    error: Optional[BaseException] = None  # what the server reported: every later write raises it
+
+    @property
+    def diverted(self) -> bool:
+        return self._diverted is not None
 
     def _take(self) -> bool:
         return take(self._token, self, self.HOLDING)
@@ -161,6 +171,11 @@ class Guarded:
         that interrupted this owner: it cannot wait for itself)."""
         if not self._take():
             raise RuntimeError("offlog: a signal handler cannot sync or close the ProxyFile whose write it interrupted")
+        return self._taken(fn, *args)
+
+    def _taken(self, fn: Any, *args: Any) -> Any:
+        """The token just taken: run ``fn(*args)``, put the state right if an
+        exception passes, give the token back."""
         try:
             return fn(*args)
         except BaseException:
@@ -174,15 +189,22 @@ class Guarded:
         bytes still queued here. Never waits."""
         if not self._take():
             return self.backlog_bytes  # a handler that interrupted this owner: leave it be
-        try:
-            self._take_reentered()
-            self._pump_step()
-            return self.backlog_bytes
-        except BaseException:
-            self._after_exception()
-            raise
-        finally:
-            self._token.append(True)
+        return self._taken(self.pump_locked)
+
+    def pump_locked(self) -> int:
+        """Token held: :meth:`pump`'s step."""
+        self._settle_locked()
+        self._pump_step()
+        return self.backlog_bytes
+
+    def take_backlog_locked(self, chunk: Any) -> bool:
+        """Token held: queue ``chunk``'s records (a Backlog) after everything else
+        and move them on; False, taking nothing, once diverted, failed or closed."""
+        if self._diverted is not None or self.error is not None or self._closed:
+            return False
+        self._backlog.absorb(chunk)
+        self._pump_step()
+        return True
 
     def _write_slow(self, data: Any) -> None:
         """Every write the hot path does not finish; the token is not held."""
@@ -193,21 +215,34 @@ class Guarded:
                 if self._closed:
                     raise ValueError("write to a closed ProxyFile")
                 self._reentered.append(bytes(view))  # the interrupted write's owner moves it on
-                self._after_reentry()
+                self._update_hot_path()
                 return
-            try:
-                outcome = self._write_locked(view)
-            except BaseException:
-                self._after_exception()
-                raise
-            finally:
-                self._token.append(True)
+            outcome = self._taken(self._write_locked, view)
             if outcome is None:
                 return
             if outcome is not WAIT:
                 return outcome(view)  # diverted: the reconnect path takes it
             since = time.monotonic() if since is None else since
             self._wait_for_room(since)  # TimeoutError once the policy's timeout has passed
+
+    def _before_write_locked(self) -> Any:
+        """Token held, first thing in a slow write: :meth:`_settle_locked`, then the
+        handler a diverted owner forwards to (or None); a closed or failed owner raises."""
+        self._settle_locked()
+        if self._diverted is not None:
+            return self._diverted
+        if self._closed:
+            raise ValueError("write to a closed ProxyFile")
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        return None
+
+    def _settle_locked(self) -> None:
+        """Token held, first thing: finish a divert an interrupt cut short, and move
+        on what signal handlers queued."""
+        self._take_reentered()
+        if self._handover is not None:
+            self.divert_locked(self._divert_to)
 
     def _take_reentered(self) -> None:
         """Token held: bytes queued by signal handlers go first (they came before this call)."""
@@ -217,7 +252,7 @@ class Guarded:
                 self._diverted(chunk)
             elif not self._closed:
                 self._backlog.append(chunk)
-        self._after_reentry()
+        self._update_hot_path()
 
     backlog_bytes: int
 
@@ -230,8 +265,14 @@ class Guarded:
     def _wait_for_room(self, since: float) -> None:
         raise NotImplementedError
 
-    def _after_reentry(self) -> None:
-        """Make the next write take the slow path (it finds ``_reentered``)."""
+    def divert_locked(self, make_handler: Any) -> None:
+        """Token held: hand every byte not confirmed yet to ``make_handler``; later
+        writes go to the handler it returns."""
+        raise NotImplementedError
+
+    def _update_hot_path(self) -> None:
+        """Re-derive whether the next write may take the hot path (re-entered
+        bytes, a divert, a backlog send it to the slow path)."""
 
     def _after_exception(self) -> None:
         """Token held, an exception passing: put the state right."""
@@ -239,4 +280,5 @@ class Guarded:
 
 def holding(*functions: Any) -> FrozenSet[CodeType]:
     """``HOLDING`` for a class: its functions that run with the token held, and the shared slow path."""
-    return frozenset(f.__code__ for f in functions + (Guarded._write_slow, Guarded.locked, Guarded.pump))
+    shared = (Guarded._write_slow, Guarded.locked, Guarded.pump, Guarded._taken)
+    return frozenset(f.__code__ for f in functions + shared)

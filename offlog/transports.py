@@ -2,16 +2,27 @@
 
 Theory of operation
 -------------------
-* :class:`ShmTransport`: ``write`` is a copy into a shared-memory ring
-  (:class:`offlog.shm.ring.Producer`); the socket carries only control.
-* :class:`SocketTransport`: ``write`` is one non-blocking ``send`` of a
-  DATA frame (framed dialect) or of the raw bytes (0.x server).
+A :class:`Transport` is one connection: a *control channel* plus a *data
+path*, composed, not inherited.
 
-Both keep the same rules: a write never blocks; what cannot go out now waits
-in the transport's :class:`~offlog.backlog.Backlog`, in order, and
-everything newer waits behind it; a write first moves the backlog on, so a
-queue limit (``max_queue``) judges the backlog as it is now. ``sync()`` and
-``close()`` hand the backlog over, then wait for the server's answer.
+* The control channel (:class:`Control`) is the socket's control side: it
+  reads the server (:class:`_Channel`), numbers FLUSH requests, reports
+  DROPPED, says whether an error means a lost server or a failed file, waits
+  a step at a time watching the server, and half-closes for BYE.
+* The data path takes ``write()``'s bytes, and its ``write`` is bound straight
+  as the transport's (and the ProxyFile's): the socket itself, as DATA frames
+  (:class:`~offlog.socketpath.FramedSocket`) or raw bytes to a 0.x server
+  (:class:`~offlog.socketpath.LegacySocket`); or a shared-memory ring
+  (:class:`offlog.shm.ring.Producer`), and then the socket carries control
+  frames only.
+
+The transport holds what needs both: how ``sync()`` and ``close()`` end, and
+what a lost server or a failed file does to the data path. Every data path
+keeps the same rules: a write never blocks; what cannot go out now waits in
+its :class:`~offlog.backlog.Backlog`, in order, and everything newer waits
+behind it; a write first moves the backlog on, so a queue limit
+(``max_queue``) judges the backlog as it is now. ``sync()`` and ``close()``
+hand the backlog over, then wait for the server's answer.
 
 Every wait watches the server. Waiting for room, for FLUSHED or for BYE is
 a ``poll()`` on the control socket with a short timeout (never ``select``:
@@ -51,28 +62,21 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Optional, Union
+from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from . import protocol as P
-from . import token
-from .backlog import Backlog, Handover
+from .backlog import Backlog
 from .shm import ClientRing, unsupported_reason
 from .shm.ring import admit_all
+from .socketpath import FramedSocket, LegacySocket
 from .token import WAIT
 from .watcher import Watcher
 
 DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
 #: Milliseconds, as in offlog 0.x's documentation (and unlike its code).
 DEFAULT_TIMEOUT = 5000
-#: The socket transport reads the server's WRITTEN frames after this many bytes.
-ACK_POLL = 64 * 1024
-#: Largest write the socket hot path sends as one header + payload copy.
-QUICK_MAX = 64 * 1024
-#: Most payload bytes the backlog pump puts in one DATA frame (whole records only).
-BATCH_MAX = 256 * 1024
 #: Seconds one step of a wait sleeps in poll() before it looks again.
 WAIT_STEP = 0.0005
-_DATA_HEADER = P.data_header
 _WATCH = select.POLLIN | getattr(select, "POLLRDHUP", 0)
 Buffer = Union[bytes, bytearray, memoryview, str]
 #: on_lost(unconfirmed bytes, in order) -> the write() that takes over.
@@ -312,327 +316,292 @@ class QueueLimit:
             raise TimeoutError(f"offlog queue stayed full (max_queue {self.max_bytes} bytes) for the whole timeout")
 
 
-class SocketTransport(token.Guarded):
-    """Bytes over the socket, framed or (0.x server) raw."""
+class Control:
+    """A transport's control channel: the socket's control side.
+
+    It reads the server (its :class:`_Channel`), says whether an error means
+    the server is lost or the file failed, waits a step at a time watching
+    the server, numbers the FLUSH requests and reports what the backlog limit
+    dropped. Its frames go into ``stream``: the frame stream of a socket data
+    path (control frames follow the DATA frames sent before them), or, beside
+    a ring, this channel's own outbox (the socket carries nothing else). A
+    ring's control socket is also watched for a hang-up (:class:`_Hangups`),
+    and the ring's objects are closed with it.
+    """
+
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit]) -> None:
+        self.channel = channel
+        self.sock = channel.sock
+        self.sock.setblocking(False)
+        self.timeout = timeout_ms
+        self.on_lost: Optional[OnLost] = None
+        self.stream: Any = self
+        self._limit = limit
+        self._dropped_reported = 0
+        self._requests = itertools.count(1)
+        self._outbox = b""  # a ring's control frames the socket has not taken yet
+        self._ring: Optional[ClientRing] = None
+
+    @property
+    def framed(self) -> bool:
+        return self.channel.framed
+
+    def lost(self, error: BaseException) -> bool:
+        """Whether ``error`` means the server is lost and a reconnect wants the
+        unconfirmed bytes (else it is about the file, and raised)."""
+        return self.on_lost is not None and server_gone(error)
+
+    def server_error(self) -> BaseException:
+        """What the server said before it closed (a BrokenPipeError if nothing)."""
+        return self.channel.server_error(Deadline(self.timeout))
+
+    def flush_locked(self) -> Tuple[int, Optional[int]]:
+        """Data path's token held: FLUSH after everything written so far; return
+        its request number and the payload position it follows (None beside a
+        ring, whose TAIL says what is written)."""
+        self.report_dropped_locked()
+        request = next(self._requests)
+        return request, self.stream.queue_control_locked(self.channel.say(P.Flush(request)))
+
+    def report_dropped_locked(self) -> None:
+        """Data path's token held: tell the server how many bytes the backlog
+        limit dropped (for its status and log)."""
+        dropped = self._limit.dropped if self._limit else 0
+        if dropped != self._dropped_reported and self.framed:
+            self.stream.queue_control_locked(self.channel.say(P.Dropped(dropped)))
+            self._dropped_reported = dropped
+
+    def queue_control_locked(self, message: bytes) -> None:
+        """Beside a ring, data path's token held: send a control frame now, or
+        the rest of it at the next :meth:`send_rest_locked`."""
+        self._outbox += message
+        self.send_rest_locked()
+
+    def sending(self) -> bool:
+        return bool(self._outbox)
+
+    def send_rest_locked(self) -> bool:
+        """Send what the outbox holds; True once all of it went. A socket that
+        fails takes nothing more: the server is gone, and the wait for its
+        answer sees the end of the connection."""
+        try:
+            while self._outbox:
+                self._outbox = self._outbox[self.sock.send(self._outbox) :]
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self._outbox = b""
+        return True
+
+    def wait(self, timeout: float, writable: bool = False) -> None:
+        """One step of a wait: until the server speaks or hangs up (or, with
+        ``writable``, the socket takes more), ``timeout`` seconds at most."""
+        wait_readable(self.sock, timeout, _WATCH | select.POLLOUT if writable else _WATCH)
+
+    def watch(self, ring: ClientRing) -> None:
+        """Beside ``ring``: the socket carries control frames only, a hang-up
+        interrupts the producer (its next write looks at the socket), and the
+        ring's objects close with the connection."""
+        self._ring = ring
+        self.stream = self
+        producer = weakref.ref(ring.producer)
+
+        def hung_up() -> None:
+            alive = producer()
+            if alive is not None:
+                alive.interrupt()
+
+        _Hangups.instance().watch(self.sock.fileno(), hung_up)
+
+    def end_data(self) -> None:
+        """SHUT_WR: the server answers BYE and hangs up, which the hang-up watcher
+        must not take for a lost server. A failure here is read by the BYE wait."""
+        self._forget_hangups()
+        try:
+            self.channel.end_data()
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Let go of the connection (idempotent)."""
+        self._forget_hangups()
+        self.sock.close()
+        if self._ring is not None:
+            self._ring.close()
+
+    def detach(self) -> None:
+        """After fork: the parent owns the connection; the child only closes its copy."""
+        self.sock.close()
+
+    def _forget_hangups(self) -> None:
+        if self._ring is not None:
+            _Hangups.instance().forget(self.sock.fileno())
+
+
+class Transport:
+    """A ProxyFile's connection to the server: a control channel plus a data path.
+
+    The data path takes the bytes: the socket itself (:class:`FramedSocket`,
+    :class:`LegacySocket`) or a ring's :class:`~offlog.shm.ring.Producer`. Its
+    ``write`` is this transport's ``write`` (and the ProxyFile's): the hot
+    path is the data path's own, with nothing in between. :class:`Control` is
+    the socket's control side. What needs both lives here: how ``sync()`` and
+    ``close()`` end, and what happens when the server is lost or the file
+    fails (the data path calls :meth:`failed` and :meth:`check_control`, and a
+    socket path :meth:`_cut`, with its token held).
+    """
 
     name = "socket"
 
     def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
-        self.on_lost: Optional[OnLost] = None
+        """A transport whose data path is the socket (DATA frames, or raw bytes
+        to a 0.x server) until :meth:`attach_ring` gives it a ring."""
+        self._control = Control(channel, timeout_ms, limit)
         self._limit = limit
-        self._admit = limit.admit if limit else admit_all
-        self._dropped_reported = 0
-        self._channel = channel
-        self._sock = channel.sock
-        self._sock.setblocking(False)
-        self._framed = channel.framed
-        self._timeout = timeout_ms
-        self._token = token.new()
-        self._reentered: Deque[bytes] = deque()
-        self._backlog = Backlog()  # accepted, not yet handed to the socket
-        self._partial: Optional[memoryview] = None  # the unsent rest of a frame (or of raw bytes)
-        self._unconfirmed = Backlog()  # framed: payloads sent, not yet covered by WRITTEN
-        self._in_send = False  # a frame is between send() and its bookkeeping
-        self._broken = False  # an exception cut a send short: divert before anything else
-        self._handover: Optional[Handover] = None  # what a divert is handing to on_lost
-        self._tokens = itertools.count(1)
-        self._error: Optional[BaseException] = None  # what the server reported, once
-        self._diverted: Optional[Callable[[Buffer], None]] = None
-        self._closed = False
-        self._slow = not self._framed  # the hot path does not apply (see _update_slow)
-        self._until_poll = ACK_POLL  # payload bytes to send before WRITTEN frames are read
-        self._written = 0  # payload position the server's last WRITTEN confirmed
-        channel.on_written = self._note_written
+        self._closing = False  # close() decides what an end of the connection means
+        path = FramedSocket if channel.framed else LegacySocket
+        self._use(path(channel, self.failed, self._cut, self._admit(), self._wait_for_room))
+        self._control.stream = self._data
+
+    def ring_options(self) -> dict:
+        """The producer's callbacks (``offlog.shm.ring.Producer``'s keywords)."""
+        return {
+            "on_failed": self.failed,
+            "on_interrupt": self.check_control,
+            "admit": self._admit(),
+            "idle": self._wait_for_room,
+        }
+
+    def attach_ring(self, ring: ClientRing) -> None:
+        """The ring becomes the data path; the socket carries control only."""
+        self.name = "shm"
+        self._control.watch(ring)
+        self._use(ring.producer)
+
+    def _use(self, data: Any) -> None:
+        self._data = data
+        self.write = data.write  # the hot path: the data path's own (see FramedSocket.write, Producer.write)
+
+    def _admit(self) -> Callable[[int, int], object]:
+        return self._limit.admit if self._limit else admit_all
+
+    @property
+    def on_lost(self) -> Optional[OnLost]:
+        return self._control.on_lost
+
+    @on_lost.setter
+    def on_lost(self, handler: Optional[OnLost]) -> None:
+        self._control.on_lost = handler
 
     @property
     def backlog_bytes(self) -> int:
-        return len(self._backlog) + (self._partial.nbytes if self._partial is not None and not self._framed else 0)
+        return self._data.backlog_bytes
 
     @property
     def diverted(self) -> bool:
-        return self._diverted is not None
+        return self._data.diverted
 
-    def write(self, data: Buffer) -> None:
-        # Socket hot path (framed, nothing queued, bytes up to 64 KiB): one send()
-        # of header + payload, a syscall of ~1.5 us, and a copy of the payload
-        # into the unconfirmed backlog until the server's WRITTEN covers it.
-        tok = self._token
-        try:
-            tok.pop()
-        except IndexError:
-            return self._write_slow(data)
-        try:
-            if type(data) is bytes and not self._slow and len(data) <= QUICK_MAX:
-                message = _DATA_HEADER(len(data)) + data
-                self._in_send = True
-                self._unconfirmed.append(data)
-                try:
-                    sent = self._sock.send(message)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = -1
-                if 0 <= sent < len(message):
-                    self._partial = memoryview(message)[sent:]
-                    self._slow = True
-                self._in_send = False
-                if sent < 0:
-                    return self._lost_locked()  # the record is in _unconfirmed: it goes on
-                self._until_poll -= len(data)
-                if self._until_poll <= 0:
-                    self._collect_written()
-                return
-        except BaseException:
-            self._interrupted_locked()
-            raise
-        finally:
-            tok.append(True)
-        return self._write_slow(data)
-
-    # -- slow path ---------------------------------------------------------------
-    def _write_locked(self, view: memoryview):
-        """Token held: None when done, WAIT, or the handler of a diverted transport."""
-        self._take_reentered()
-        self._divert_if_broken()
-        if self._diverted is not None:
-            return self._diverted
-        if self._closed:
-            raise ValueError("write to a closed ProxyFile")
-        if self._error is not None:
-            raise self._error.with_traceback(None)
-        n = view.nbytes
-        if not n:
-            return None
-        self._pump_locked()  # room first: a recovered server admits again
-        if self._diverted is not None:
-            return self._diverted
-        if self._backlog:
-            verdict = self._admit(len(self._backlog), n)
-            if verdict is WAIT:
-                return WAIT
-            if not verdict:
-                return None
-        self._backlog.append(view)
-        self._pump_locked()
-        return None
-
-    def _after_reentry(self) -> None:
-        self._update_slow()
-
-    def _after_exception(self) -> None:
-        self._interrupted_locked()
-
-    def _wait_for_room(self, since: float) -> None:
-        self._limit.check_wait(since)  # type: ignore[union-attr]
-        self.idle()
-
-    def _update_slow(self) -> None:
-        self._slow = bool(
-            not self._framed
-            or self._broken
-            or self._backlog
-            or self._partial is not None
-            or self._reentered
-            or self._diverted is not None
-            or self._closed
-            or self._error is not None
-        )
-
-    def _pump_locked(self) -> bool:
-        """Token held: send what the socket takes now; True if all of it went.
-        A lost server diverts (the caller then finds ``_diverted`` set)."""
-        try:
-            self._divert_if_broken()
-            while self._diverted is None:
-                if self._partial is not None and not self._send_partial():
-                    return False
-                if not self._backlog:
-                    return True
-                self._send_from_backlog()
-            return False
-        except OSError:
-            self._in_send = False
-            self._lost_locked()
-            return False
-        finally:
-            self._collect_written()
-            self._update_slow()
-
-    def _send_partial(self) -> bool:
-        """Token held: send the rest of the current frame; True once all of it went.
-        From ``send`` returning to ``_partial`` updated, an exception would leave
-        the stream unknown: ``_in_send`` tells :meth:`_interrupted_locked`."""
-        self._in_send = True
-        try:
-            sent = self._sock.send(self._partial)
-        except (BlockingIOError, InterruptedError):
-            self._in_send = False
-            return False
-        if sent < self._partial.nbytes:
-            self._partial = self._partial[sent:]
-            self._in_send = False
-            return False
-        self._partial = None
-        self._in_send = False
-        return True
-
-    def _send_from_backlog(self) -> None:
-        """Token held, nothing partial: frame the backlog's first records and send them."""
-        backlog = self._backlog
-        if not self._framed:  # 0.x: raw bytes, nothing to confirm
-            n = backlog.whole(BATCH_MAX) or min(backlog.first_record(), BATCH_MAX)
-            self._in_send = True
-            with backlog.view(n) as view:
-                message = bytes(view)
-            backlog.consume(n)
-            self._partial = memoryview(message)
-            self._in_send = False
-            return
-        n = backlog.whole(BATCH_MAX) or min(backlog.first_record(), P.MAX_PAYLOAD)
-        with backlog.view(n) as view:
-            payload = bytes(view)
-        self._in_send = True
-        self._unconfirmed.append(payload)
-        self._until_poll -= n
-        backlog.consume(n)
-        self._partial = memoryview(_DATA_HEADER(n) + payload)
-        self._in_send = False
-
-    def _interrupted_locked(self) -> None:
-        """Token held, an exception is passing: if it cut a send short, what the
-        server got is unknown. Mark the connection broken (one store, so a second
-        interrupt cannot half-do it); the next call diverts (re-sends every
-        unconfirmed byte) before anything else goes out."""
-        self._backlog.repair()  # an append or consume cut in two: make it whole again
-        self._unconfirmed.repair()
-        if self._in_send or self._channel.garbled:
-            self._broken = True
-            self._slow = True
-            self._in_send = False
-
-    def _divert_if_broken(self) -> None:
-        """Token held: a send was interrupted; this connection is never used again."""
-        if self._broken and self._diverted is None:
-            self._divert_locked(BrokenPipeError("offlog: a send was interrupted; the connection was dropped"))
-
-    def _lost_locked(self) -> None:
-        """Token held: the socket broke. Divert, or raise what the server said."""
-        if self._diverted is not None:
-            return
-        error = self._gone()
-        if not isinstance(error, ServerGone):
-            raise error
-        self._divert_locked(error)
-
-    def _gone(self, fallback: Optional[BaseException] = None) -> BaseException:
-        """What to raise now that the server closed: read what it said, then :meth:`_verdict`."""
-        if self._error is not None:
-            return self._error.with_traceback(None)
-        error = self._channel.server_error(Deadline(self._timeout))
-        if fallback is not None and isinstance(error, BrokenPipeError):
-            error = fallback
-        return self._verdict(error)
-
-    def _verdict(self, error: BaseException) -> BaseException:
-        """What to raise for ``error`` from the server: ServerGone (divert) when the
-        server went away and a reconnect is wanted; else the error, remembered and
-        raised again on every later call (without a growing traceback)."""
-        if self.on_lost is not None and server_gone(error):
-            return ServerGone(self)
-        self._error = error
-        self._update_slow()
-        return error.with_traceback(None)
-
-    def _collect_written(self) -> None:
-        """Token held: read the server's WRITTEN frames (every ACK_POLL bytes sent)
-        and forget what they confirm."""
-        if self._until_poll <= 0:
-            self._until_poll = ACK_POLL
-            self._channel.poll()
-        self._forget_written()
-
-    def _forget_written(self) -> None:
-        """Token held: drop the payloads the server confirmed (not during a divert:
-        the unconfirmed backlog is then new, and WRITTEN speaks of the old one)."""
-        if self._handover is None:
-            self._unconfirmed.forget_until(self._written)
-
-    def _note_written(self, position: int) -> None:
-        """Any thread (a WRITTEN frame): the server wrote every payload byte before
-        ``position``; the unconfirmed backlog forgets them under the token. A
-        position past what was sent is a lie, and forgets nothing."""
-        if position <= self._unconfirmed.end:
-            self._written = position
-
-    def _divert_locked(self, why: BaseException) -> None:
-        """Token held: hand every unconfirmed byte to ``on_lost``; forward later writes.
-        Without ``on_lost`` (reconnect=False) ``why`` is remembered and raised."""
-        if self._diverted is not None or self._closed:
-            return
-        if self.on_lost is None:
-            self._error = self._error or why
-            self._update_slow()
-            return
-        if self._handover is None:  # kept until on_lost took it: an interrupt in there loses nothing
-            self._unconfirmed.forget_until(self._written)
-            self._handover = Handover()
-        # By reference, then a new backlog: a retry never takes a part twice (a
-        # divert cut short also takes what was written on the dead socket since).
-        self._handover.take(self._unconfirmed)
-        self._unconfirmed = Backlog()
-        self._handover.take(self._backlog)
-        self._backlog = Backlog()
-        self._partial = None
-        self._release_control()
-        self._diverted = self.on_lost(self._handover.merged())
-        self._handover = None
-        self._broken = False
-        self._update_slow()
-
-    def _release_control(self) -> None:
-        self._sock.close()
-
-    def _pump_step(self) -> None:
-        if self._diverted is None and self._error is None and not self._closed:
-            self._pump_locked()
+    def pump(self) -> int:
+        return self._data.pump()
 
     def flush(self) -> None:
         """Hand over what can go now; never waits."""
-        self.pump()
+        self._data.pump()
 
     def take_backlog(self, chunk: Backlog) -> bool:
         """Queue ``chunk``'s records after everything else (a reconnect's hand-over);
         False, taking nothing, if this transport has diverted already."""
-        return self.locked(self._take_backlog_locked, chunk)
+        return self._data.locked(self._data.take_backlog_locked, chunk)
 
-    def _take_backlog_locked(self, chunk: Backlog) -> bool:
-        if self._diverted is not None or self._error is not None:
-            return False
-        self._backlog.absorb(chunk)
-        self._pump_locked()
-        return True
+    def detach(self, forward: Callable[[Buffer], None]) -> None:
+        """After fork: the parent owns the connection and the backlog; a write
+        through a bound ``write`` kept from before the fork goes to ``forward``
+        (the child's own connection)."""
+        self._data.detach(forward)
+        self._control.detach()
+
+    # -- what goes wrong (token held: called by the data path, or under its token) --
+    def failed(self, code: int) -> None:
+        """The data path's server side broke: the ring's consumer flagged
+        ``code`` (its errno), or the socket hung up or failed (EPIPE). Read what
+        the server said: divert if it is lost, else raise its error."""
+        data = self._data
+        if data.diverted:
+            return
+        if data.error is not None:
+            raise data.error.with_traceback(None)
+        error = self._control.server_error()
+        if isinstance(error, BrokenPipeError) and code not in (errno.ESHUTDOWN, errno.EPIPE):
+            error = OSError(code, os.strerror(code))  # a file error that only the ring's header told
+        error = self._judge_locked(error)
+        if not isinstance(error, ServerGone):
+            raise error
+
+    def check_control(self) -> None:
+        """Look at the control socket (the hang-up watcher interrupted the
+        producer, or a wait saw it readable). An EOF or an ERROR is trouble
+        (:meth:`failed`); a FLUSHED or BYE read here is left queued for the
+        sync() or close() that waits for it in another thread."""
+        channel = self._control.channel
+        channel.poll()
+        if channel.closing():
+            self.failed(errno.EPIPE)
+
+    def _cut(self) -> None:
+        """An exception cut a socket send short: what the server received is
+        unknown, and nothing more goes out on this connection. Divert (the
+        reconnect re-sends every unconfirmed byte), even in a close; without a
+        reconnect, every later call raises."""
+        self._closing = False
+        self._judge_locked(BrokenPipeError("offlog: a send was interrupted; the connection was dropped"))
+
+    def _judge_locked(self, error: BaseException) -> BaseException:
+        """What ``error`` from the server means. The server is lost and a
+        reconnect wants the bytes: ServerGone, and the data path diverts (in a
+        close, :meth:`_await_bye` decides). Else the file failed: the data path
+        raises ``error`` from now on; it is returned without a growing traceback."""
+        if self._control.lost(error):
+            if not self._closing:
+                self._data.divert_locked(self._lost)
+            return ServerGone(self)
+        self._data.fail_locked(error)
+        return error.with_traceback(None)
+
+    def _answer_error(self, event: P.Error) -> BaseException:
+        return self._judge_locked(_remote(event.exception))
+
+    def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:
+        """The data path diverts: let go of the connection, hand the bytes on."""
+        self._control.release()
+        return self._control.on_lost(unconfirmed)  # type: ignore[misc]
+
+    # -- waits ----------------------------------------------------------------------
+    def _wait_for_room(self, since: float) -> None:
+        """A write waits for room in the backlog (``on_full="block"``): one step."""
+        self._limit.check_wait(since)  # type: ignore[union-attr]
+        self.idle()
 
     def idle(self) -> None:
-        """One step of a wait: until the socket takes more or the server speaks
-        (WAIT_STEP at most); an EOF or an ERROR ends in a divert or a raise."""
-        channel = self._channel
-        if self._diverted is None and not channel.closing():
-            wait_readable(self._sock, WAIT_STEP, _WATCH | select.POLLOUT)
+        """One step of a wait (WAIT_STEP at most): wake a ring's consumer, then
+        wait until the server speaks (or the socket takes more, while it has
+        bytes to send); an EOF or an ERROR ends in a divert or a raise."""
+        data, control = self._data, self._control
+        channel = control.channel
+        data.wake()
+        if data.diverted:
+            return
+        if not channel.closing():
+            control.wait(WAIT_STEP, control.stream.sending())
             channel.poll()
-        if self._diverted is None and channel.closing() and not self._closed:
-            self.locked(self._check_control)
-
-    def _check_control(self) -> None:
-        """Token held: the server closed or said something unasked: an ERROR or its exit."""
-        if self._diverted is None and self._error is None:
-            self._lost_locked()
+        if channel.closing() and not data.diverted:
+            data.locked(self.check_control)
 
     def _drain(self, deadline: Deadline) -> None:
         """Hand the whole backlog over (until the deadline), watching the server."""
         while self._pending():
             self._raise_if_diverted()
-            if self._error is not None:
-                raise self._error.with_traceback(None)
+            if self._data.error is not None:
+                raise self._data.error.with_traceback(None)
             try:
                 deadline.left()
             except TimeoutError:
@@ -644,270 +613,50 @@ class SocketTransport(token.Guarded):
 
     def _pending(self) -> bool:
         """Pump; True while bytes are still queued here."""
-        return bool(self.pump()) or self._partial is not None
+        return bool(self._data.pump()) or self._send_rest()
+
+    def _send_rest(self) -> bool:
+        """Send the rest of a frame part-way out; True while some of it is still unsent."""
+        stream = self._control.stream
+        if stream.sending():
+            self._data.locked(stream.send_rest_locked)
+        return stream.sending()
 
     def _raise_if_diverted(self) -> None:
-        if self.diverted:
+        if self._data.diverted:
             raise ServerGone(self)
-
-    def sync(self, timeout_ms: Optional[float]) -> None:
-        """Return once the server has written everything written before the call."""
-        deadline = Deadline(timeout_ms)
-        self._drain(deadline)
-        if not self._framed:
-            return  # a 0.x server cannot confirm writes: sent is all we know
-        request = next(self._tokens)
-        position = self.locked(self._send_control, P.Flush(request))
-        while True:
-            event = self._next_event(deadline)
-            if type(event) is P.Flushed and event.token == request:
-                self.locked(self._unconfirmed.forget_until, position)
-                return
-            if type(event) is P.Error:
-                raise self.locked(self._verdict, _remote(event.exception))
 
     def _next_event(self, deadline: Deadline) -> Any:
         """The server's next answer, watching for its end (which diverts or raises)."""
-        channel = self._channel
+        data, control = self._data, self._control
+        channel = control.channel
         while not channel.has_events():
             self._raise_if_diverted()
             if channel.eof:
-                self.locked(self._check_control)
+                data.locked(self.check_control)
                 self._raise_if_diverted()
                 raise self._closed_by_server()
-            self._wake_peer()
-            wait_readable(self._sock, deadline.step(0.05))
+            data.wake()
+            control.wait(deadline.step(0.05), self._send_rest())
             channel.poll()
             deadline.left()
         return channel.event(deadline)
 
-    def _wake_peer(self) -> None:
-        """Before a wait for the server's answer: nothing to wake on the socket."""
-
     def _closed_by_server(self) -> BaseException:
         """What the server's EOF means when nothing was diverted: its error, if it sent one."""
-        if self._error is not None:
-            return self._error.with_traceback(None)
+        if self._data.error is not None:
+            return self._data.error.with_traceback(None)
         return BrokenPipeError("the offlog server closed the connection")
 
-    def _send_control(self, event: Any) -> int:
-        """Token held: queue a control frame after every DATA frame; return the
-        payload position it follows."""
-        self._report_dropped_locked()
-        return self._queue_control(self._channel.say(event))
-
-    def _queue_control(self, message: bytes) -> int:
-        """Token held: the frame goes out right after the frame now in flight;
-        returns the payload position it follows (what is framed after it is not
-        covered by its answer)."""
-        if self._partial is None and not self._backlog:
-            self._partial = memoryview(message)
-        else:
-            self._pump_locked()
-            self._partial = memoryview(bytes(self._partial or b"") + message)
-        position = self._unconfirmed.end
-        self._pump_locked()
-        return position
-
-    def _report_dropped_locked(self) -> None:
-        """Tell the server how many bytes the queue limit dropped (for its status and log)."""
-        dropped = self._limit.dropped if self._limit else 0
-        if dropped != self._dropped_reported and self._framed:
-            self._queue_control(self._channel.say(P.Dropped(dropped)))
-            self._dropped_reported = dropped
-
-    def close(self) -> None:
-        deadline = Deadline(self._timeout)
-        try:
-            if self._error is not None:
-                return  # already reported to the caller; the server has closed
-            self._drain(deadline)
-            self.locked(self._close_locked)
-            while self._partial is not None:  # the DROPPED report, if any
-                self.locked(self._pump_locked)
-                self._raise_if_diverted()
-                if self._partial is not None:
-                    deadline.left()
-                    self.idle()
-            try:
-                self._channel.end_data()
-            except OSError:
-                self.locked(self._lost_locked)
-                self._raise_if_diverted()
-            self._await_bye(deadline)
-        finally:
-            self._closed = True
-            self._update_slow()
-            self._sock.close()
-
-    def _close_locked(self) -> None:
-        self._take_reentered()
-        self._pump_locked()
-        self._raise_if_diverted()
-        self._report_dropped_locked()
-        self._closed = True  # later writes raise ValueError
-        self._update_slow()
-
-    def _await_bye(self, deadline: Deadline) -> None:
-        while True:
-            try:
-                event = self._next_event(deadline) if self._framed else self._channel.event(deadline)
-            except EOFError:
-                return  # 0.x confirms nothing: what was sent is all we know
-            except (ServerGone, OSError) as exc:
-                if self._nothing_unconfirmed():
-                    return  # every byte confirmed: nothing to re-send, nothing lost
-                if not isinstance(exc, ServerGone):
-                    self.locked(self._divert_on_close)
-                raise
-            if type(event) is P.Bye:
-                return
-            if type(event) is P.Error:
-                raise self.locked(self._verdict, _remote(event.exception))
-
-    def _nothing_unconfirmed(self) -> bool:
-        return not self._unconfirmed and not self._backlog
-
-    def _divert_on_close(self) -> None:
-        """Token held, closing, the server gone with bytes unconfirmed: divert them
-        (ServerGone: the reconnect delivers them), or raise the server's error."""
-        self._closed = False
-        error = self._verdict(BrokenPipeError("the offlog server closed the connection"))
-        if not isinstance(error, ServerGone):
-            self._closed = True
-            raise error
-        self._divert_locked(error)
-        raise error
-
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
-        """After fork: the parent owns the connection and the backlog; a write
-        through a bound ``write`` kept from before the fork goes to ``forward``
-        (the child's own connection)."""
-        self._token = token.new()
-        self._backlog = Backlog()
-        self._unconfirmed = Backlog()
-        self._reentered.clear()
-        self._partial = None
-        self._diverted = forward
-        self._update_slow()
-        self._sock.close()
-
-
-class ShmTransport(SocketTransport):
-    """Bytes through a shared-memory ring; the socket carries control only."""
-
-    name = "shm"
-
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
-        super().__init__(channel, timeout_ms, limit)
-        self._ring: Optional[ClientRing] = None
-        self._producer: Any = None
-
-    def attach(self, ring: ClientRing) -> None:
-        self._ring = ring
-        self._producer = ring.producer
-        self.write = self._producer.write  # the hot path: see Producer.write
-        producer = weakref.ref(self._producer)
-
-        def hung_up() -> None:
-            alive = producer()
-            if alive is not None:
-                alive.interrupt()
-
-        _Hangups.instance().watch(self._sock.fileno(), hung_up)
-
-    def producer_options(self) -> dict:
-        return {
-            "on_failed": self.failed,
-            "on_interrupt": self.interrupted,
-            "admit": self._limit.admit if self._limit else None,
-            "idle": self._idle_for_room,
-        }
-
-    # Called by the producer, token held.
-    def failed(self, code: int) -> None:
-        """The consumer flagged a failure in the ring header (or the socket hung
-        up): divert if the server is gone, raise if the file failed."""
-        file_error = code not in (errno.ESHUTDOWN, errno.EPIPE)
-        error = self._gone(fallback=OSError(code, os.strerror(code)) if file_error else None)
-        if isinstance(error, ServerGone):
-            self._producer.divert_locked(self._lost)
-            return
-        self._producer.close_locked()
-        raise error
-
-    def interrupted(self) -> None:
-        """The control socket hung up (or the server said something): look at it.
-        Only an EOF or an ERROR is trouble: a FLUSHED or BYE read here is left
-        queued for the sync() or close() waiting for it in another thread."""
-        self._channel.poll()
-        if self._channel.closing():
-            self.failed(errno.EPIPE)
-
-    def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:
-        """The producer diverts: close the control side, hand the bytes on."""
-        self._release_control()
-        return self.on_lost(unconfirmed)
-
-    def _lost_locked(self) -> None:
-        self.failed(errno.EPIPE)
-
-    def _release_control(self) -> None:
-        _Hangups.instance().forget(self._sock.fileno())
-        self._sock.close()
-        self._ring.close()
-
-    @property
-    def backlog_bytes(self) -> int:
-        return self._producer.backlog_bytes
-
-    @property
-    def diverted(self) -> bool:
-        return self._producer._diverted is not None
-
-    def pump(self) -> int:
-        return self._producer.pump()
-
-    def take_backlog(self, chunk: Backlog) -> bool:
-        return self._producer.locked(self._producer.take_backlog_locked, chunk)
-
-    def _idle_for_room(self, since: float) -> None:
-        if self._limit is not None:
-            self._limit.check_wait(since)
-        self.idle()
-
-    def idle(self) -> None:
-        """One step of a wait for the consumer: wake it, then poll the control
-        socket for WAIT_STEP; a hang-up or a word from the server is looked at
-        at once (a divert, or the server's error raised)."""
-        producer = self._producer
-        producer.wake()
-        if wait_readable(self._sock, WAIT_STEP) and not self.diverted:
-            producer.interrupt()
-            producer.locked(self._check_control)
-
-    def _check_control(self) -> None:
-        """Token held: a hang-up or a word from the server: divert, or raise its error."""
-        producer = self._producer
-        if producer._diverted is None and not producer._closed:
-            producer._interrupted = False
-            self.interrupted()
-            producer._update_limit()
-
-    def locked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._producer.locked(fn, *args)
-
-    def _pending(self) -> bool:
-        return bool(self.pump())  # (control frames go out under the token, in sync and close)
-
-    def _wake_peer(self) -> None:
-        self._producer.wake()
-
+    # -- sync and close -------------------------------------------------------------
     def sync(self, timeout_ms: Optional[float]) -> None:
+        """Return once the server has written everything written before the call."""
         deadline = Deadline(timeout_ms)
         self._drain(deadline)
-        request = next(self._tokens)
-        self._producer.locked(self._send_control, P.Flush(request))
+        if not self._control.framed:
+            return  # a 0.x server cannot confirm writes: sent is all we know
+        data = self._data
+        request, position = data.locked(self._control.flush_locked)
         while True:
             try:
                 event = self._next_event(deadline)
@@ -915,83 +664,72 @@ class ShmTransport(SocketTransport):
                 self._raise_if_diverted()
                 raise
             if type(event) is P.Flushed and event.token == request:
+                if position is not None:  # what FLUSHED covers is written (a ring's TAIL says so itself)
+                    data.locked(data.confirmed_locked, position)
                 return
             if type(event) is P.Error:
-                raise self._producer.locked(self._file_error, event)
-
-    def _file_error(self, event: P.Error) -> BaseException:
-        error = self._verdict(_remote(event.exception))
-        if isinstance(error, ServerGone):
-            self._producer.divert_locked(self._lost)
-            return error
-        self._producer.close_locked()
-        return error
-
-    def _nothing_unconfirmed(self) -> bool:
-        return self._producer.unreleased_bytes() == 0 and not self._producer.backlog_bytes
+                raise data.locked(self._answer_error, event)
 
     def close(self) -> None:
-        deadline = Deadline(self._timeout)
+        """Hand everything over, half-close, wait for BYE (see :meth:`_await_bye`)."""
+        deadline = Deadline(self._control.timeout)
+        data = self._data
         try:
-            if self._error is not None:
-                return
+            if data.error is not None:
+                return  # already reported to the caller; the server has closed
             self._drain(deadline)
-            self._producer.locked(self._close_ring_locked)
-            while self._partial is not None:
-                self._producer.locked(self._pump_locked)
-                if self._partial is not None:
-                    deadline.left()
-                    wait_readable(self._sock, WAIT_STEP, select.POLLOUT)
-            _Hangups.instance().forget(self._sock.fileno())  # the server hangs up after BYE
-            try:
-                self._channel.end_data()
-            except OSError:
-                pass  # the BYE wait below reads what happened
+            data.locked(self._close_locked)
+            while self._send_rest() and not self._control.channel.closing():  # the DROPPED report, if any
+                self._raise_if_diverted()
+                deadline.left()
+                self.idle()
+            self._raise_if_diverted()
+            self._control.end_data()
             self._await_bye(deadline)
         finally:
-            _Hangups.instance().forget(self._sock.fileno())
-            self._closed = True
-            self._sock.close()
-            self._ring.close()
+            data.close_locked()
+            self._control.release()
 
-    def _close_ring_locked(self) -> None:
-        self._producer._take_reentered()
-        if self._producer._diverted is not None:
-            raise ServerGone(self)
-        self._report_dropped_locked()
-        self._producer.close_locked()
+    def _close_locked(self) -> None:
+        self._data.pump_locked()
+        self._raise_if_diverted()
+        self._control.report_dropped_locked()
+        self._data.close_locked()  # later writes raise ValueError
+        self._closing = True
 
     def _await_bye(self, deadline: Deadline) -> None:
+        """BYE ends the close. So does the end of the connection (or the server's
+        exit) if nothing is unconfirmed; else the unconfirmed bytes are diverted
+        (ServerGone: the reconnect delivers them). A file error is raised."""
+        control = self._control
         while True:
             try:
-                event = self._channel.event(deadline)
+                event = self._next_event(deadline) if control.framed else control.channel.event(deadline)
+                error = self._data.locked(self._answer_error, event) if type(event) is P.Error else None
+                if isinstance(error, ServerGone):
+                    raise error
             except EOFError:
+                return  # 0.x confirms nothing: what was sent is all we know
+            except (ServerGone, OSError):
                 if self._nothing_unconfirmed():
-                    return  # every byte released by the server: nothing lost
-                self._producer.locked(self._reopen_for_divert)
-                raise ServerGone(self) from None
+                    return  # every byte confirmed: nothing to re-send, nothing lost
+                if not self._data.diverted:
+                    self._data.locked(self._divert_on_close)
+                raise
+            if error is not None:
+                raise error  # the file failed
             if type(event) is P.Bye:
                 return
-            if type(event) is P.Error:
-                raise self._producer.locked(self._file_error, event)
 
-    def _reopen_for_divert(self) -> None:
-        """Token held, closing, server gone with bytes unreleased: divert them."""
-        producer = self._producer
-        producer._closed = False
-        error = self._verdict(BrokenPipeError("the offlog server closed the connection"))
-        if isinstance(error, ServerGone):
-            producer.divert_locked(self._lost)
-        else:
-            producer._closed = True
-            raise error
+    def _nothing_unconfirmed(self) -> bool:
+        data = self._data
+        return not data.unconfirmed_bytes() and not data.backlog_bytes
 
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
-        self._producer.detach(forward)
-        super().detach(forward)
-
-
-SocketTransport.HOLDING = token.holding(SocketTransport.write)
+    def _divert_on_close(self) -> None:
+        """Closing, the server gone with bytes unconfirmed: divert them (ServerGone:
+        the reconnect delivers them), or raise the server's error."""
+        self._closing = False
+        raise self._judge_locked(BrokenPipeError("the offlog server closed the connection"))
 
 
 class _Hangups:
@@ -1020,7 +758,7 @@ def open_transport(
     shm: Optional[bool],
     fsync: bool,
     limit: Optional[QueueLimit] = None,
-) -> SocketTransport:
+) -> Transport:
     """Connect, handshake, negotiate a ring; return the transport to use."""
     deadline = Deadline(timeout_ms)
     flags = _open_flags(shm, fsync)
@@ -1039,7 +777,7 @@ def open_transport(
         if channel.conn.state == "SOCKET":
             if shm:
                 raise ShmUnavailableError(f"shm=True but the server offered no ring: {opened.note}")
-            return SocketTransport(channel, timeout_ms, limit)
+            return Transport(channel, timeout_ms, limit)
         return _take_offer(channel, channel.answer(deadline), shm, timeout_ms, limit)
     except BaseException:
         channel.sock.close()
@@ -1059,18 +797,18 @@ def _open_flags(shm: Optional[bool], fsync: bool) -> int:
 
 def _take_offer(
     channel: _Channel, offer: P.ShmOffer, shm: Optional[bool], timeout_ms: Optional[float], limit: Optional[QueueLimit]
-) -> SocketTransport:
+) -> Transport:
     """Map the offered ring and accept it; decline it (a socket session) if that fails."""
-    transport = ShmTransport(channel, timeout_ms, limit)
+    transport = Transport(channel, timeout_ms, limit)
     try:
-        ring = ClientRing(offer.capacity, offer.shm_name, offer.sem_name, **transport.producer_options())
+        ring = ClientRing(offer.capacity, offer.shm_name, offer.sem_name, **transport.ring_options())
     except Exception as exc:
         channel.sock.sendall(channel.say(P.ShmDecline(P.exception_text(exc))))
         if shm:
             raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
-        return SocketTransport(channel, timeout_ms, limit)
+        return transport  # a socket transport
     channel.sock.sendall(channel.say(P.ShmAccept()))
-    transport.attach(ring)
+    transport.attach_ring(ring)
     return transport
 
 
@@ -1095,12 +833,12 @@ def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] =
 
 def _open_legacy(
     path: str, sock_path: str, deadline: Deadline, timeout_ms: Optional[float], limit: Optional[QueueLimit]
-) -> SocketTransport:
+) -> Transport:
     channel = _Channel(connect(sock_path, deadline))
     try:
         channel.sock.sendall(channel.say(P.OpenPath(path)))
         channel.answer(deadline)  # OK, or the server's error raised
-        return SocketTransport(channel, timeout_ms, limit)
+        return Transport(channel, timeout_ms, limit)
     except BaseException:
         channel.sock.close()
         raise

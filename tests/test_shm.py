@@ -184,8 +184,9 @@ def test_a_client_that_scribbles_over_its_header_is_cut_off_alone(shm_server, wo
     bystander.write(b"before\n")
     vandal = offlog.ProxyFile(str(workdir / "vandal.log"), shm_server.sock, shm=True)
     vandal.write(b"fine so far\n")
-    vandal._transport._producer._words[word] = value  # what a buggy or hostile client could do
-    vandal._transport._ring.sem.release()  # and ring the doorbell
+    producer = vandal._transport._data
+    producer._words[word] = value  # what a buggy or hostile client could do
+    producer._doorbell()  # and ring the doorbell
     shm_server.wait_log("corrupted its ring")
     with pytest.raises(ValueError, match="ring corrupted"):
         vandal.write(b"x\n")
@@ -214,7 +215,7 @@ def test_a_signal_on_a_sleeping_ring_session_only_wakes_it(shm_server, workdir):
     target = workdir / "woken.log"
     f = offlog.ProxyFile(str(target), shm_server.sock, shm=True)
     f.write(b"before\n")
-    words = f._transport._producer._words
+    words = f._transport._data._words
     for round_ in range(1, 6):
         wait_for(lambda: words[layout.STATE_WORD] == layout.SLEEPING, what="the ring session asleep")
         signal_every_thread(shm_server.pid, signal.SIGHUP)

@@ -126,16 +126,19 @@ def _pieces(data: memoryview, position: int, n: int) -> List[memoryview]:
 class Producer(token.Guarded):
     """The client half: ``write`` never blocks and never spins.
 
+    A transport's data path over a ring (:mod:`offlog.transports`; the
+    socket's, in :mod:`offlog.socketpath`, answer the same calls).
     ``doorbell`` wakes a sleeping consumer (posts the semaphore);
     ``on_failed`` is called (token held) when the consumer has flagged an
-    error, and raises it or diverts. Writes that do not fit wait in a local
-    :class:`~offlog.backlog.Backlog`, in order, and move into the ring on
-    later writes, on :meth:`pump` and on close. ``admit(queued, n)`` is the
-    queue policy for a write that would grow the backlog: True to queue it,
-    False to drop it, :data:`WAIT` to wait for room, or it raises. A waiting
-    write gives the token back and calls ``idle(since)`` (which raises
-    TimeoutError once the wait that began at ``since`` is too long) before
-    it tries again.
+    error, and raises it or diverts; ``on_interrupt`` (token held) by the
+    first write after :meth:`interrupt` (the control socket hung up). Writes
+    that do not fit wait in a local :class:`~offlog.backlog.Backlog`, in
+    order, and move into the ring on later writes, on :meth:`pump` and on
+    close. ``admit(queued, n)`` is the queue policy for a write that would
+    grow the backlog: True to queue it, False to drop it, :data:`WAIT` to
+    wait for room, or it raises. A waiting write gives the token back and
+    calls ``idle(since)`` (which raises TimeoutError once the wait that began
+    at ``since`` is too long) before it tries again.
 
     Threads: the producer's state is guarded by a write token
     (:mod:`offlog.token`), which also makes a signal handler that writes
@@ -169,6 +172,7 @@ class Producer(token.Guarded):
         self._interrupted = False
         self._diverted: Optional[Callable[[Buffer], None]] = None
         self._closed = False
+        self.error: Optional[BaseException] = None  # the server's, raised by every later write
         self._big: Optional[Tuple[int, bytes]] = None  # (head at its start, bytes) of an oversized write
         self._handover: Optional[Handover] = None  # what a divert is handing to its handler
         self._divert_to: Any = None
@@ -217,9 +221,7 @@ class Producer(token.Guarded):
         return self._write_slow(data)
 
     def _pump_step(self) -> None:
-        if self._handover is not None:  # a divert that an interrupt cut short: finish it
-            self.divert_locked(self._divert_to)
-        if self._backlog and self._diverted is None:
+        if self._backlog and self._diverted is None and self.error is None:
             self._drain_backlog()
 
     def interrupt(self) -> None:
@@ -250,21 +252,17 @@ class Producer(token.Guarded):
         self._diverted = make_handler(self._handover.merged())
         self._handover = None
 
-    def take_backlog_locked(self, chunk: Backlog) -> bool:
-        """Token held: queue ``chunk``'s records after everything else; False,
-        taking nothing, if this producer has diverted already."""
-        if self._diverted is not None or self._closed:
-            return False
-        self._backlog.absorb(chunk)
-        self._drain_backlog()
-        return True
-
     def close_locked(self) -> None:
-        """Token held: every later write raises ValueError."""
+        """Every later write raises ValueError (plain stores: also without the token)."""
         self._closed = True
         self._limit = -1
 
-    def unreleased_bytes(self) -> int:
+    def fail_locked(self, error: BaseException) -> None:
+        """Token held: the server reported ``error``; every later write raises it."""
+        self.error = error
+        self._limit = -1
+
+    def unconfirmed_bytes(self) -> int:
         return self._head - self._tail if self._words is not None else 0
 
     def _unreleased_into(self, out: Backlog) -> int:
@@ -313,16 +311,10 @@ class Producer(token.Guarded):
             self._interrupted = False
             self._update_limit()
             self._on_interrupt()
-        self._take_reentered()
-        if self._handover is not None:  # a divert that an interrupt cut short: finish it
-            self.divert_locked(self._divert_to)
-        if self._diverted is not None:
-            return self._diverted
-        if self._closed:
-            raise ValueError("write to a closed ProxyFile")
+        forward = self._before_write_locked()
         n = view.nbytes
-        if not n:
-            return None
+        if forward is not None or not n:
+            return forward
         if self._backlog:
             self._drain_backlog()  # room first: a recovered ring admits again
         if not self._backlog and n <= self._capacity - (self._head - self._tail):
@@ -338,7 +330,7 @@ class Producer(token.Guarded):
             self._drain_backlog()
         return None
 
-    def _after_reentry(self) -> None:
+    def _update_hot_path(self) -> None:
         self._update_limit()
 
     def _after_exception(self) -> None:
@@ -405,7 +397,7 @@ class Producer(token.Guarded):
             self._big = None  # released whole: nothing of it to re-send
 
     def _update_limit(self) -> None:
-        if self._backlog or self._diverted is not None or self._closed or self._reentered:
+        if self._backlog or self._diverted is not None or self._closed or self._reentered or self.error is not None:
             self._limit = -1
         else:
             self._limit = min(self._tail + self._capacity, (self._head | self._mask) + 1)
