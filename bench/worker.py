@@ -50,7 +50,7 @@ TIMEOUT_MS = 300_000
 OVERHEAD_SAMPLES = 20_001
 
 
-def _nothing_queued() -> int:
+def _no_backlog() -> int:
     return 0
 
 
@@ -61,7 +61,7 @@ class Sink(NamedTuple):
     sync: Callable[[], None]  # returns once every byte written so far is in the file
     close: Callable[[], None]
     transport: str
-    queued: Callable[[], int] = _nothing_queued  # bytes accepted but still held in this process
+    backlog: Callable[[], int] = _no_backlog  # bytes accepted but still held in this process
 
 
 class System(NamedTuple):
@@ -85,7 +85,7 @@ def open_peer_proxy_file(target: str, sock: Optional[str], *, timeout_ms: int = 
     from offlog import ProxyFile  # 0.3.1: close() is its only "written" confirmation
 
     f = ProxyFile(target, sock_path=sock, timeout=timeout_ms)
-    # 0.3.1 tells nobody what it holds; its unsent bytes wait in its _sendqueue.
+    # 0.3.1 tells nobody what it holds; its backlog is its _sendqueue.
     return Sink(f.write, f.close, f.close, "socket (0.x)", lambda: len(f._sendqueue))
 
 
@@ -312,7 +312,7 @@ def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -
 
     Each record is a new bytes object, as an application's would be (a client that keeps a reference
     instead of a copy pays for it in memory). Only the call runs between the two clock reads; building
-    the record and reading the sink's local queue happen outside. A call that blocked is not caught up on.
+    the record and reading the sink's backlog happen outside. A call that blocked is not caught up on.
     """
     sink = sinks[0]
     size, period_ns, duration_ns = params["size"], params["period_ns"], params["duration_ns"]
@@ -320,8 +320,8 @@ def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -
     starts = array("q", [0]) * capacity
     latencies = array("q", [0]) * capacity
     head, tail = b"%010d ", numbered_record(0, size)[11:]
-    call, queued, clock = sink.call, sink.queued, time.perf_counter_ns
-    peak_queued = peak_queued_ns = done = 0
+    call, backlog, clock = sink.call, sink.backlog, time.perf_counter_ns
+    peak_backlog = peak_backlog_ns = done = 0
     failure: Optional[Dict[str, Any]] = None
     before = memory_kib()
     origin = clock()
@@ -341,9 +341,9 @@ def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -
         starts[i] = t0 - origin
         latencies[i] = t1 - t0
         done = i + 1
-        held = queued()
-        if held > peak_queued:
-            peak_queued, peak_queued_ns = held, t1 - origin
+        held = backlog()
+        if held > peak_backlog:
+            peak_backlog, peak_backlog_ns = held, t1 - origin
         if t1 - origin >= duration_ns:
             break
     writing_ns = clock() - origin
@@ -366,8 +366,8 @@ def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -
         "writing_ns": writing_ns,
         "close": closed,
         "close_ns": close_ns,
-        "peak_queued": peak_queued,
-        "peak_queued_at_ns": peak_queued_ns,
+        "peak_backlog": peak_backlog,
+        "peak_backlog_at_ns": peak_backlog_ns,
         "memory_kib": {"before": before, "writing": writing, "after_close": after},
     }
 

@@ -219,9 +219,9 @@ class Backlog:
 
 
 class Handover:
-    """What a divert hands to the reconnect: backlogs gathered by reference.
+    """What a hand-over gives the reconnect: backlogs gathered by reference.
 
-    A divert can be cut short by an interrupt and tried again. Parts are
+    A hand-over can be cut short by an interrupt and tried again. Parts are
     kept as the objects they were (a part already taken is recognised, never
     taken twice), and :meth:`merged` only reads them: an interrupt anywhere
     leaves a retry with exactly what the first try had.

@@ -59,16 +59,16 @@ from .transports import (
     DEFAULT_SOCK_PATH,
     DEFAULT_TIMEOUT,
     WAIT_STEP,
+    BacklogLimit,
     Buffer,
     Deadline,
-    QueueLimit,
-    ServerGone,
+    ServerLost,
     ShmUnavailableError,
     Transport,
     admit_all,
     open_transport,
     reported_by_server,
-    server_gone,
+    server_lost,
     server_status,
 )
 
@@ -93,14 +93,14 @@ class ProxyFile:
     False never uses one. ``fsync=True`` makes the server fsync on sync().
 
     The backlog (bytes accepted by write() that the server cannot take yet)
-    is unbounded by default, as in offlog 0.x. ``max_queue=BYTES`` bounds it;
+    is unbounded by default, as in offlog 0.x. ``max_queue=BYTES`` is its limit;
     ``on_full`` says what a write that would overflow it does: ``"drop"`` it
     (counted in :attr:`dropped` and reported to the server), ``"block"``
     until there is room (at most ``timeout``), or ``"raise"``
     BlockingIOError.
 
     ``reconnect=True`` rides out server restarts (see the module docstring);
-    ``reconnect=False`` raises when the server goes away.
+    ``reconnect=False`` raises when the server is lost.
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class ProxyFile:
         self.reconnect = reconnect
         self._shm = shm
         self._fsync = fsync
-        self._limit = QueueLimit(max_queue, on_full, timeout) if max_queue is not None else None
+        self._limit = BacklogLimit(max_queue, on_full, timeout) if max_queue is not None else None
         self._transport: Any = _Closed(0)
         self._closing = False
         self._install(self._open_transport())
@@ -130,8 +130,8 @@ class ProxyFile:
     def write(self, data: Buffer) -> None:  # type: ignore[no-redef]
         """Append ``data`` (bytes, or str as UTF-8). Never blocks.
 
-        What cannot be handed over now is queued locally, in order, and sent
-        before anything newer. Raises the server's error (same builtin class)
+        What cannot be handed over now waits in the backlog, in order, and is
+        sent before anything newer. Raises the server's error (same builtin class)
         if it reported one. (Each instance binds this name to its transport's
         ``write``; this method only serves documentation and closed files.)
         """
@@ -153,7 +153,7 @@ class ProxyFile:
 
     @property
     def backlog(self) -> int:
-        """Bytes accepted by write() but still queued in this process (after a
+        """Bytes accepted by write() but still in this process's backlog (after a
         close() that failed: the bytes it could not deliver)."""
         return self._transport.backlog_bytes
 
@@ -179,11 +179,11 @@ class ProxyFile:
                 raise ValueError("sync of a closed ProxyFile")
             try:
                 return transport.sync(deadline.left_ms())
-            except ServerGone:
-                continue  # it diverted: its successor is installed; sync that
+            except ServerLost:
+                continue  # it handed over: its successor is installed; sync that
 
     def close(self) -> None:
-        """Send what is queued, wait for the server to confirm; idempotent."""
+        """Send the backlog, wait for the server to confirm; idempotent."""
         if self.closed:
             return
         self._closing = True
@@ -195,7 +195,7 @@ class ProxyFile:
                 try:
                     transport.close()
                     break
-                except ServerGone:
+                except ServerLost:
                     transport = self._transport  # its successor, or _Closed if nothing was pending
         except BaseException:
             self._transport = _Closed(self._transport.backlog_bytes)
@@ -271,7 +271,7 @@ class _Closed:
 
 
 class _Reconnecting(token.Guarded):
-    """The transport while the server is away: queue locally, reconnect in the background."""
+    """The transport while the server is away: a backlog here, a reconnect in the background."""
 
     name = "reconnecting"
 
@@ -282,7 +282,7 @@ class _Reconnecting(token.Guarded):
         self._admit = proxy._limit.admit if proxy._limit else admit_all
         self._token = token.new()
         self._reentered: Deque[bytes] = deque()
-        self._diverted = None  # a reconnector forwards through _replacement instead
+        self._forward = None  # a reconnector forwards through _replacement instead
         self._replacement: Optional[Transport] = None
         self._returned: Optional[Backlog] = None  # what a transport lost during the hand-over gave back
         self._error: Optional[BaseException] = None
@@ -298,7 +298,7 @@ class _Reconnecting(token.Guarded):
 
     def start(self) -> None:
         """Start the reconnect thread unless it runs or has finished its work. Not
-        in ``__init__``: a divert hands its bytes over first (an interrupt landing
+        in ``__init__``: a hand-over gives it the bytes first (an interrupt landing
         in a thread's start-up then cannot lose them), and a host that cannot
         start a thread now gets another try on the next write, sync or close."""
         thread = self._thread
@@ -322,8 +322,8 @@ class _Reconnecting(token.Guarded):
 
     def _write_locked(self, view: memoryview) -> Any:
         self._take_reentered()
-        if self._diverted is not None:  # forked: the child's own connection
-            return self._diverted
+        if self._forward is not None:  # forked: the child's own connection
+            return self._forward
         if self._replacement is not None:
             return self._replacement.write  # a thread that raced the switch
         if self._closed:
@@ -379,7 +379,7 @@ class _Reconnecting(token.Guarded):
                     self._limit,
                 )
             except Exception as exc:
-                if reported_by_server(exc) and not server_gone(exc):
+                if reported_by_server(exc) and not server_lost(exc):
                     self._fail(exc)  # the file itself: permission, a directory, ...
                     return
                 continue
@@ -438,7 +438,7 @@ class _Reconnecting(token.Guarded):
         try:
             while not self._stopped and transport.pump():
                 transport.idle()
-            if self._proxy._transport is not transport and not transport.diverted:
+            if self._proxy._transport is not transport and not transport.handed_over:
                 transport.close()  # never installed (the ProxyFile moved on): deliver, then let go
         except Exception:
             pass  # the file's error waits for the application's next call
@@ -492,7 +492,7 @@ class _Reconnecting(token.Guarded):
         self._backlog = Backlog()
         self._reentered.clear()
         self._token = token.new()
-        self._diverted = forward
+        self._forward = forward
 
 
 _Reconnecting.HOLDING = token.holding(_Reconnecting._hand_over)
@@ -523,9 +523,9 @@ class _AfterFork:
                     try:
                         proxy._install(proxy._open_transport())
                     except Exception as exc:
-                        if not proxy.reconnect or (reported_by_server(exc) and not server_gone(exc)):
+                        if not proxy.reconnect or (reported_by_server(exc) and not server_lost(exc)):
                             raise
-                        proxy._server_lost(Backlog())  # no server now: queue, reconnect in the background
+                        proxy._server_lost(Backlog())  # no server now: a backlog, a reconnect in the background
             finally:
                 self._opener = None
         while self._early:

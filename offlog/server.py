@@ -382,7 +382,7 @@ class Session:
         """This client's line of the status report (any thread, at any moment)."""
         with self._ring_lock:
             if self.ring is not None:
-                transport, backlog = "shm", 0 if self._ring_closed else self.ring.consumer.unconsumed()
+                transport, backlog = "shm", 0 if self._ring_closed else self.ring.consumer.unconfirmed()
             else:
                 transport, backlog = "socket", self.conn.pending
         return {

@@ -11,18 +11,18 @@ path is :class:`offlog.shm.ring.Producer`; over the socket it is one of these:
   :class:`~offlog.backlog.Backlog`) until the server's WRITTEN, or the
   FLUSHED that answers a sync, covers it. Control frames (FLUSH, DROPPED)
   join the same stream, right after the frame in flight
-  (:meth:`FramedSocket.queue_control_locked`).
+  (:meth:`FramedSocket.send_control_locked`).
 * :class:`LegacySocket` (an offlog 0.x server): raw bytes, always from the
   backlog. That dialect confirms nothing, so nothing is kept once sent.
 
 Every data path answers the same calls (``write``, ``pump``, ``locked``,
-``divert_locked``, ``fail_locked``, ``close_locked``, ``take_backlog_locked``,
+``hand_over_locked``, ``fail_locked``, ``close_locked``, ``take_backlog_locked``,
 ``unconfirmed_bytes``, ``wake``, ``detach``) and tells its transport, with
 the token held, what went wrong: ``on_failed(EPIPE)`` when the socket fails
-(the transport reads the server's error, then diverts or raises), and
+(the transport reads the server's error, then hands over or raises), and
 ``on_cut()`` when an exception cut a send short between ``send`` returning
 and the bookkeeping. What the server received is then unknown, so nothing
-more is sent on this connection: the transport diverts, and the reconnect
+more is sent on this connection: the transport hands over, and the reconnect
 re-sends every unconfirmed payload on a new one (at least once, never a torn
 frame).
 """
@@ -49,7 +49,7 @@ _DATA_HEADER = P.data_header
 
 class _SocketPath(token.Guarded):
     """What both dialects share: the backlog, the frame (or bytes) in flight,
-    the payloads not confirmed yet (none for 0.x), the divert."""
+    the payloads not confirmed yet (none for 0.x), the hand-over."""
 
     def __init__(
         self,
@@ -72,9 +72,9 @@ class _SocketPath(token.Guarded):
         self._unconfirmed = Backlog()  # payloads sent, not yet covered by WRITTEN
         self._in_send = False  # a frame is between send() and its bookkeeping
         self._broken = False  # an exception cut a send short: nothing more goes out here
-        self._handover: Optional[Handover] = None  # what a divert is handing over
-        self._divert_to: Any = None
-        self._diverted: Optional[Callable[[Buffer], None]] = None
+        self._handover: Optional[Handover] = None  # what a hand-over cut short was handing over
+        self._hand_over_to: Any = None
+        self._forward: Optional[Callable[[Buffer], None]] = None
         self._closed = False
         self.error: Optional[BaseException] = None  # the server's, raised by every later call
         self._slow = False  # the hot path does not apply (see _update_hot_path)
@@ -93,7 +93,7 @@ class _SocketPath(token.Guarded):
         """Before a wait: the server reads the socket by itself."""
 
     def _write_locked(self, view: memoryview):
-        """Token held: None when done, WAIT, or the handler of a diverted path."""
+        """Token held: None when done, WAIT, or the write that took over (a hand-over)."""
         if self._broken:
             self._on_cut()
         forward = self._before_write_locked()
@@ -101,8 +101,8 @@ class _SocketPath(token.Guarded):
         if forward is not None or not n:
             return forward
         self._send_locked()  # room first: a recovered server admits again
-        if self._diverted is not None:
-            return self._diverted
+        if self._forward is not None:
+            return self._forward
         if self._backlog:
             verdict = self._admit(len(self._backlog), n)
             if verdict is WAIT:
@@ -120,7 +120,7 @@ class _SocketPath(token.Guarded):
             or self._partial is not None
             or self._reentered
             or self._handover is not None
-            or self._diverted is not None
+            or self._forward is not None
             or self._closed
             or self.error is not None
         )
@@ -128,7 +128,7 @@ class _SocketPath(token.Guarded):
     def _after_exception(self) -> None:
         """Token held, an exception is passing: if it cut a send short, what the
         server got is unknown. Mark the connection broken (one store, so a second
-        interrupt cannot half-do it); the next call diverts (re-sends every
+        interrupt cannot half-do it); the next call hands over (re-sends every
         unconfirmed byte) before anything else goes out."""
         self._backlog.repair()  # an append or consume cut in two: make it whole again
         self._unconfirmed.repair()
@@ -141,17 +141,17 @@ class _SocketPath(token.Guarded):
         self._idle(since)
 
     def _pump_step(self) -> None:
-        if self._diverted is None and self.error is None and not self._closed:
+        if self._forward is None and self.error is None and not self._closed:
             self._send_locked()
 
     def _send_locked(self) -> bool:
         """Token held: send what the socket takes now; True if all of it went.
-        A cut stream or a failed socket goes to the transport, which diverts
-        (the caller then finds ``_diverted`` set) or raises."""
+        A cut stream or a failed socket goes to the transport, which hands over
+        (the caller then finds ``_forward`` set) or raises."""
         if self._broken:
             self._on_cut()
         try:
-            while self._diverted is None and not self._broken and self.error is None:
+            while self._forward is None and not self._broken and self.error is None:
                 if self._partial is not None and not self._send_partial():
                     return False
                 if not self._backlog:
@@ -201,7 +201,7 @@ class _SocketPath(token.Guarded):
         if self._until_poll <= 0:
             self._until_poll = ACK_POLL
             self._channel.poll()
-        if self._handover is None:  # (a divert's new backlog is not what WRITTEN speaks of)
+        if self._handover is None:  # (a hand-over's new backlog is not what WRITTEN speaks of)
             self._unconfirmed.forget_until(self._written)
 
     def _note_written(self, position: int) -> None:
@@ -211,15 +211,15 @@ class _SocketPath(token.Guarded):
         if position <= self._unconfirmed.end:
             self._written = position
 
-    def divert_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
+    def hand_over_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
         """Token held: hand every unconfirmed byte -- the payloads no WRITTEN
         covered, then the backlog -- to ``make_handler``, and forward every later
         write to the handler it returns. The hand-over is kept until the handler
-        took it: a divert cut short by an interrupt is finished by the next call
+        took it: a hand-over cut short by an interrupt is finished by the next call
         under the token, and loses nothing."""
-        if self._diverted is not None:
+        if self._forward is not None:
             return
-        self._divert_to = make_handler
+        self._hand_over_to = make_handler
         if self._handover is None:
             self._unconfirmed.forget_until(self._written)
             self._handover = Handover()
@@ -231,7 +231,7 @@ class _SocketPath(token.Guarded):
         self._backlog = Backlog()
         self._partial = None
         self._broken = False
-        self._diverted = make_handler(self._handover.merged())
+        self._forward = make_handler(self._handover.merged())
         self._handover = None
         self._update_hot_path()
 
@@ -254,7 +254,7 @@ class _SocketPath(token.Guarded):
         self._unconfirmed = Backlog()
         self._reentered.clear()
         self._partial = None
-        self._diverted = forward
+        self._forward = forward
         self._update_hot_path()
 
 
@@ -262,7 +262,7 @@ class FramedSocket(_SocketPath):
     """DATA frames; payloads unconfirmed until the server's WRITTEN covers them."""
 
     def write(self, data: Buffer) -> None:
-        # Socket hot path (nothing queued, bytes up to 64 KiB): one send() of
+        # Socket hot path (empty backlog, bytes up to 64 KiB): one send() of
         # header + payload, a syscall of ~1.5 us, and a copy of the payload
         # into the unconfirmed backlog until the server's WRITTEN covers it.
         tok = self._token
@@ -311,7 +311,7 @@ class FramedSocket(_SocketPath):
         self._partial = memoryview(_DATA_HEADER(n) + payload)
         self._in_send = False
 
-    def queue_control_locked(self, message: bytes) -> int:
+    def send_control_locked(self, message: bytes) -> int:
         """Token held: the control frame goes out right after the frame now in
         flight; returns the payload position it follows (what is framed after it
         is not covered by its answer)."""
@@ -326,7 +326,7 @@ class FramedSocket(_SocketPath):
 
     def confirmed_locked(self, position: int) -> None:
         """Token held: the server wrote every payload byte before ``position`` (a FLUSHED)."""
-        if self._diverted is None:
+        if self._forward is None:
             self._unconfirmed.forget_until(position)
 
 

@@ -15,7 +15,7 @@ two bytecodes of whatever the main thread was doing):
 * **A leaked token.** ``KeyboardInterrupt`` raised right after ``pop()``
   returned (CPython checks for pending signals when a C call returns) and
   before the ``try`` whose ``finally`` gives the token back: the frame that
-  took the token is gone, nobody will give it back.
+  took the token has exited, nobody will give it back.
 * **Re-entry.** A handler that writes to the ProxyFile whose ``write()`` it
   interrupted: the token is held by a frame *below* the handler on the same
   thread, which cannot go on until the handler returns.
@@ -27,7 +27,7 @@ frames of the token's owner in one of the functions that may hold it
 (``holding``). No such frame anywhere: the token leaked, and is put back
 (under a lock, after a second look, so it is never put back twice). Such a
 frame further out on the caller's own stack: re-entry; :func:`take` returns
-False and the caller queues its bytes (``reentered``) for the interrupted
+False and the caller sets its bytes aside (``reentered``) for the interrupted
 write's owner to pick up, or raises a clear error where it cannot (a
 ``sync()`` or ``close()`` from such a handler). Otherwise another thread
 holds the token and finishes within a copy: keep yielding.
@@ -125,7 +125,7 @@ def _restore(token: Deque[bool], owner: Any, holding: FrozenSet[CodeType]) -> No
             token.append(True)
 
 
-#: What ``_write_locked`` returns to make a write wait for room (the block policy).
+#: What ``_write_locked`` returns to make a write wait for room in the backlog (``on_full="block"``).
 WAIT = object()
 
 
@@ -133,35 +133,37 @@ class Guarded:
     """The slow path every transport shares: take the token, run the
     subclass's ``_write_locked`` with it, give it back.
 
-    ``_write_locked(view)`` returns None (done), :data:`WAIT` (the queue is
-    full and the policy blocks: the token is given back, ``_wait_for_room``
+    ``_write_locked(view)`` returns None (done), :data:`WAIT` (the backlog is
+    full and its limit blocks: the token is given back, ``_wait_for_room``
     runs one step of the wait, and the write tries again), or the write of
-    the transport that took over (a divert: the bytes go there). A write that
-    finds its own thread holding the token further out (a signal handler)
-    queues its bytes in ``_reentered``; the interrupted call's owner moves
-    them on first thing under the token (:meth:`_settle_locked`), and
-    finishes a divert that an interrupt cut short (``_handover`` is what it
-    was handing to ``_divert_to``). An exception with the token held calls
-    ``_after_exception`` before the token goes back.
+    the transport that took over (after a hand-over: the bytes go there). A
+    write that finds its own thread holding the token further out (a signal
+    handler) sets its bytes aside in ``_reentered``; the interrupted call's
+    owner moves them on first thing under the token (:meth:`_settle_locked`),
+    and finishes a hand-over that an interrupt cut short (``_handover`` is
+    what it was handing to ``_hand_over_to``). An exception with the token
+    held calls ``_after_exception`` before the token goes back.
 
-    Subclasses set ``_token``, ``_reentered``, ``_backlog``, ``_diverted``,
-    ``_closed`` and ``HOLDING`` (the code objects that may hold the token);
-    those that divert also ``_handover`` and ``_divert_to``.
+    Subclasses set ``_token``, ``_reentered``, ``_backlog``, ``_forward``
+    (once set, where every write goes: the successor after a hand-over, the
+    child's own connection after a fork), ``_closed`` and ``HOLDING`` (the
+    code objects that may hold the token); those that hand over also
+    ``_handover`` and ``_hand_over_to``.
     """
 
     HOLDING: FrozenSet[CodeType] = frozenset()
     _token: Deque[bool]
     _reentered: Deque[bytes]
     _backlog: Any
-    _diverted: Any
+    _forward: Any
     _closed: bool
     _handover: Any = None
-    _divert_to: Any = None
+    _hand_over_to: Any = None
     error: Optional[BaseException] = None  # what the server reported: every later write raises it
 
     @property
-    def diverted(self) -> bool:
-        return self._diverted is not None
+    def handed_over(self) -> bool:
+        return self._forward is not None
 
     def _take(self) -> bool:
         return take(self._token, self, self.HOLDING)
@@ -186,7 +188,7 @@ class Guarded:
 
     def pump(self) -> int:
         """Move the backlog on as far as it goes now (``_pump_step``); return the
-        bytes still queued here. Never waits."""
+        bytes still in the backlog. Never waits."""
         if not self._take():
             return self.backlog_bytes  # a handler that interrupted this owner: leave it be
         return self._taken(self.pump_locked)
@@ -198,9 +200,9 @@ class Guarded:
         return self.backlog_bytes
 
     def take_backlog_locked(self, chunk: Any) -> bool:
-        """Token held: queue ``chunk``'s records (a Backlog) after everything else
-        and move them on; False, taking nothing, once diverted, failed or closed."""
-        if self._diverted is not None or self.error is not None or self._closed:
+        """Token held: take ``chunk``'s records (a Backlog) after everything else
+        and move them on; False, taking nothing, once handed over, failed or closed."""
+        if self._forward is not None or self.error is not None or self._closed:
             return False
         self._backlog.absorb(chunk)
         self._pump_step()
@@ -221,16 +223,16 @@ class Guarded:
             if outcome is None:
                 return
             if outcome is not WAIT:
-                return outcome(view)  # diverted: the reconnect path takes it
+                return outcome(view)  # handed over: the reconnect path takes it
             since = time.monotonic() if since is None else since
             self._wait_for_room(since)  # TimeoutError once the policy's timeout has passed
 
     def _before_write_locked(self) -> Any:
         """Token held, first thing in a slow write: :meth:`_settle_locked`, then the
-        handler a diverted owner forwards to (or None); a closed or failed owner raises."""
+        write an owner that handed over forwards to (or None); a closed or failed owner raises."""
         self._settle_locked()
-        if self._diverted is not None:
-            return self._diverted
+        if self._forward is not None:
+            return self._forward
         if self._closed:
             raise ValueError("write to a closed ProxyFile")
         if self.error is not None:
@@ -238,18 +240,18 @@ class Guarded:
         return None
 
     def _settle_locked(self) -> None:
-        """Token held, first thing: finish a divert an interrupt cut short, and move
-        on what signal handlers queued."""
+        """Token held, first thing: finish a hand-over an interrupt cut short, and move
+        on what signal handlers set aside."""
         self._take_reentered()
         if self._handover is not None:
-            self.divert_locked(self._divert_to)
+            self.hand_over_locked(self._hand_over_to)
 
     def _take_reentered(self) -> None:
-        """Token held: bytes queued by signal handlers go first (they came before this call)."""
+        """Token held: bytes set aside by signal handlers go first (they came before this call)."""
         while self._reentered:
             chunk = self._reentered.popleft()
-            if self._diverted is not None:
-                self._diverted(chunk)
+            if self._forward is not None:
+                self._forward(chunk)
             elif not self._closed:
                 self._backlog.append(chunk)
         self._update_hot_path()
@@ -265,14 +267,14 @@ class Guarded:
     def _wait_for_room(self, since: float) -> None:
         raise NotImplementedError
 
-    def divert_locked(self, make_handler: Any) -> None:
+    def hand_over_locked(self, make_handler: Any) -> None:
         """Token held: hand every byte not confirmed yet to ``make_handler``; later
         writes go to the handler it returns."""
         raise NotImplementedError
 
     def _update_hot_path(self) -> None:
         """Re-derive whether the next write may take the hot path (re-entered
-        bytes, a divert, a backlog send it to the slow path)."""
+        bytes, a hand-over, a backlog send it to the slow path)."""
 
     def _after_exception(self) -> None:
         """Token held, an exception passing: put the state right."""

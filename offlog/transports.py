@@ -20,8 +20,8 @@ The transport holds what needs both: how ``sync()`` and ``close()`` end, and
 what a lost server or a failed file does to the data path. Every data path
 keeps the same rules: a write never blocks; what cannot go out now waits in
 its :class:`~offlog.backlog.Backlog`, in order, and everything newer waits
-behind it; a write first moves the backlog on, so a queue limit
-(``max_queue``) judges the backlog as it is now. ``sync()`` and ``close()``
+behind it; a write first moves the backlog on, so the backlog's limit
+(``max_queue``) judges it as it is now. ``sync()`` and ``close()``
 hand the backlog over, then wait for the server's answer.
 
 Every wait watches the server. Waiting for room, for FLUSHED or for BYE is
@@ -34,15 +34,15 @@ not confirmed as written (its *unconfirmed* bytes): a ring's ``[TAIL, head)``
 plus its backlog; on the framed socket, every DATA payload not yet covered
 by a WRITTEN (or FLUSHED) from the server, plus the backlog; on a 0.x
 server's socket only the backlog (that dialect confirms nothing). When the
-server goes away -- EOF, a reset, ``EPIPE``, or its "server exited" error
+server is *lost* -- EOF, a reset, ``EPIPE``, or its "server exited" error
 (errno ``ESHUTDOWN``) -- and the owner gave the transport an ``on_lost``
-callback, the transport *diverts*: it hands those bytes, in order, to
+callback, the transport *hands over*: it gives those bytes, in order, to
 ``on_lost`` and forwards every later write to what ``on_lost`` returned.
-Errors about the file itself (permission, ENOSPC, ...) are never diverted:
-they are raised. A transport whose frame stream was cut mid-send by an
+Errors about the file itself (permission, ENOSPC, ...) are never handed
+over: they are raised. A transport whose frame stream was cut mid-send by an
 exception (a ``KeyboardInterrupt`` between ``send`` returning and the
-bookkeeping) cannot know what the server received: it diverts too, and the
-reconnect re-sends its unconfirmed bytes (at least once, never torn).
+bookkeeping) cannot know what the server received: it hands over too, and
+the reconnect re-sends its unconfirmed bytes (at least once, never torn).
 
 A ring client learns of a lost server without a syscall on its hot path: the
 process-wide :class:`_Hangups` thread waits for ``EPOLLRDHUP`` on the control
@@ -87,16 +87,16 @@ class ShmUnavailableError(OSError):
     """``shm=True`` was asked for, but no ring could be set up."""
 
 
-class ServerGone(Exception):
-    """Internal: ``transport``'s server went away and its bytes were diverted."""
+class ServerLost(Exception):
+    """Internal: ``transport``'s server was lost and its unconfirmed bytes handed over."""
 
     def __init__(self, transport: Any) -> None:
-        super().__init__("the offlog server went away")
+        super().__init__("the offlog server was lost")
         self.transport = transport
 
 
-def server_gone(exc: BaseException) -> bool:
-    """True if ``exc`` means the server went away, not that the file failed.
+def server_lost(exc: BaseException) -> bool:
+    """True if ``exc`` means the server is lost, not that the file failed.
     What the server itself reports is about the file (a FIFO's EPIPE, a network
     file system's ETIMEDOUT) unless it says it is exiting."""
     if reported_by_server(exc):
@@ -277,8 +277,9 @@ class _Channel:
 ON_FULL = ("drop", "block", "raise")
 
 
-class QueueLimit:
-    """What happens when a write would grow the backlog past ``max_bytes``.
+class BacklogLimit:
+    """What happens when a write would grow the backlog past ``max_bytes`` (the
+    ProxyFile's ``max_queue``).
 
     ``drop``: the write is discarded and counted; ``block``: the write waits
     (at most the ProxyFile's timeout, without holding anything another
@@ -297,23 +298,24 @@ class QueueLimit:
         self.timeout = timeout_ms
         self.dropped = 0
 
-    def admit(self, queued: int, n: int) -> object:
-        """True: queue it; False: dropped (counted); WAIT: wait for room; or raise."""
-        if not queued or queued + n <= self.max_bytes:
+    def admit(self, backlog: int, n: int) -> object:
+        """``n`` more bytes for a backlog of ``backlog`` bytes: True: take them;
+        False: dropped (counted); WAIT: wait for room; or raise."""
+        if not backlog or backlog + n <= self.max_bytes:
             return True
         if self.on_full == "drop":
             self.dropped += n
             return False
         if self.on_full == "raise":
             raise BlockingIOError(
-                errno.ENOBUFS, f"offlog queue full: {queued} bytes queued, max_queue is {self.max_bytes}"
+                errno.ENOBUFS, f"offlog backlog full: {backlog} bytes in the backlog, max_queue is {self.max_bytes}"
             )
         return WAIT
 
     def check_wait(self, since: float) -> None:
         """Raise TimeoutError once a write has waited the whole timeout for room."""
         if self.timeout is not None and time.monotonic() - since > self.timeout / 1000.0:
-            raise TimeoutError(f"offlog queue stayed full (max_queue {self.max_bytes} bytes) for the whole timeout")
+            raise TimeoutError(f"offlog backlog stayed full (max_queue {self.max_bytes} bytes) for the whole timeout")
 
 
 class Control:
@@ -329,7 +331,7 @@ class Control:
     and the ring's objects are closed with it.
     """
 
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit]) -> None:
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[BacklogLimit]) -> None:
         self.channel = channel
         self.sock = channel.sock
         self.sock.setblocking(False)
@@ -349,7 +351,7 @@ class Control:
     def lost(self, error: BaseException) -> bool:
         """Whether ``error`` means the server is lost and a reconnect wants the
         unconfirmed bytes (else it is about the file, and raised)."""
-        return self.on_lost is not None and server_gone(error)
+        return self.on_lost is not None and server_lost(error)
 
     def server_error(self) -> BaseException:
         """What the server said before it closed (a BrokenPipeError if nothing)."""
@@ -361,17 +363,17 @@ class Control:
         ring, whose TAIL says what is written)."""
         self.report_dropped_locked()
         request = next(self._requests)
-        return request, self.stream.queue_control_locked(self.channel.say(P.Flush(request)))
+        return request, self.stream.send_control_locked(self.channel.say(P.Flush(request)))
 
     def report_dropped_locked(self) -> None:
         """Data path's token held: tell the server how many bytes the backlog
         limit dropped (for its status and log)."""
         dropped = self._limit.dropped if self._limit else 0
         if dropped != self._dropped_reported and self.framed:
-            self.stream.queue_control_locked(self.channel.say(P.Dropped(dropped)))
+            self.stream.send_control_locked(self.channel.say(P.Dropped(dropped)))
             self._dropped_reported = dropped
 
-    def queue_control_locked(self, message: bytes) -> None:
+    def send_control_locked(self, message: bytes) -> None:
         """Beside a ring, data path's token held: send a control frame now, or
         the rest of it at the next :meth:`send_rest_locked`."""
         self._outbox += message
@@ -382,7 +384,7 @@ class Control:
 
     def send_rest_locked(self) -> bool:
         """Send what the outbox holds; True once all of it went. A socket that
-        fails takes nothing more: the server is gone, and the wait for its
+        fails takes nothing more: the server is lost, and the wait for its
         answer sees the end of the connection."""
         try:
             while self._outbox:
@@ -453,7 +455,7 @@ class Transport:
 
     name = "socket"
 
-    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[QueueLimit] = None) -> None:
+    def __init__(self, channel: _Channel, timeout_ms: Optional[float], limit: Optional[BacklogLimit] = None) -> None:
         """A transport whose data path is the socket (DATA frames, or raw bytes
         to a 0.x server) until :meth:`attach_ring` gives it a ring."""
         self._control = Control(channel, timeout_ms, limit)
@@ -498,8 +500,8 @@ class Transport:
         return self._data.backlog_bytes
 
     @property
-    def diverted(self) -> bool:
-        return self._data.diverted
+    def handed_over(self) -> bool:
+        return self._data.handed_over
 
     def pump(self) -> int:
         return self._data.pump()
@@ -509,8 +511,8 @@ class Transport:
         self._data.pump()
 
     def take_backlog(self, chunk: Backlog) -> bool:
-        """Queue ``chunk``'s records after everything else (a reconnect's hand-over);
-        False, taking nothing, if this transport has diverted already."""
+        """Take ``chunk``'s records into the backlog after everything else (a reconnect's hand-over);
+        False, taking nothing, if this transport has handed over already."""
         return self._data.locked(self._data.take_backlog_locked, chunk)
 
     def detach(self, forward: Callable[[Buffer], None]) -> None:
@@ -524,9 +526,9 @@ class Transport:
     def failed(self, code: int) -> None:
         """The data path's server side broke: the ring's consumer flagged
         ``code`` (its errno), or the socket hung up or failed (EPIPE). Read what
-        the server said: divert if it is lost, else raise its error."""
+        the server said: hand over if it is lost, else raise its error."""
         data = self._data
-        if data.diverted:
+        if data.handed_over:
             return
         if data.error is not None:
             raise data.error.with_traceback(None)
@@ -534,14 +536,14 @@ class Transport:
         if isinstance(error, BrokenPipeError) and code not in (errno.ESHUTDOWN, errno.EPIPE):
             error = OSError(code, os.strerror(code))  # a file error that only the ring's header told
         error = self._judge_locked(error)
-        if not isinstance(error, ServerGone):
+        if not isinstance(error, ServerLost):
             raise error
 
     def check_control(self) -> None:
         """Look at the control socket (the hang-up watcher interrupted the
         producer, or a wait saw it readable). An EOF or an ERROR is trouble
-        (:meth:`failed`); a FLUSHED or BYE read here is left queued for the
-        sync() or close() that waits for it in another thread."""
+        (:meth:`failed`); a FLUSHED or BYE read here is kept for the sync()
+        or close() that waits for it in another thread."""
         channel = self._control.channel
         channel.poll()
         if channel.closing():
@@ -549,7 +551,7 @@ class Transport:
 
     def _cut(self) -> None:
         """An exception cut a socket send short: what the server received is
-        unknown, and nothing more goes out on this connection. Divert (the
+        unknown, and nothing more goes out on this connection. Hand over (the
         reconnect re-sends every unconfirmed byte), even in a close; without a
         reconnect, every later call raises."""
         self._closing = False
@@ -557,13 +559,13 @@ class Transport:
 
     def _judge_locked(self, error: BaseException) -> BaseException:
         """What ``error`` from the server means. The server is lost and a
-        reconnect wants the bytes: ServerGone, and the data path diverts (in a
+        reconnect wants the bytes: ServerLost, and the data path hands over (in a
         close, :meth:`_await_bye` decides). Else the file failed: the data path
         raises ``error`` from now on; it is returned without a growing traceback."""
         if self._control.lost(error):
             if not self._closing:
-                self._data.divert_locked(self._lost)
-            return ServerGone(self)
+                self._data.hand_over_locked(self._lost)
+            return ServerLost(self)
         self._data.fail_locked(error)
         return error.with_traceback(None)
 
@@ -571,7 +573,7 @@ class Transport:
         return self._judge_locked(_remote(event.exception))
 
     def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:
-        """The data path diverts: let go of the connection, hand the bytes on."""
+        """The data path hands over: let go of the connection, give the bytes to ``on_lost``."""
         self._control.release()
         return self._control.on_lost(unconfirmed)  # type: ignore[misc]
 
@@ -584,35 +586,35 @@ class Transport:
     def idle(self) -> None:
         """One step of a wait (WAIT_STEP at most): wake a ring's consumer, then
         wait until the server speaks (or the socket takes more, while it has
-        bytes to send); an EOF or an ERROR ends in a divert or a raise."""
+        bytes to send); an EOF or an ERROR ends in a hand-over or a raise."""
         data, control = self._data, self._control
         channel = control.channel
         data.wake()
-        if data.diverted:
+        if data.handed_over:
             return
         if not channel.closing():
             control.wait(WAIT_STEP, control.stream.sending())
             channel.poll()
-        if channel.closing() and not data.diverted:
+        if channel.closing() and not data.handed_over:
             data.locked(self.check_control)
 
     def _drain(self, deadline: Deadline) -> None:
         """Hand the whole backlog over (until the deadline), watching the server."""
         while self._pending():
-            self._raise_if_diverted()
+            self._raise_if_handed_over()
             if self._data.error is not None:
                 raise self._data.error.with_traceback(None)
             try:
                 deadline.left()
             except TimeoutError:
                 raise TimeoutError(
-                    f"timed out handing queued data to the offlog server: {self.backlog_bytes} bytes not handed over"
+                    f"timed out handing the backlog to the offlog server: {self.backlog_bytes} bytes not handed over"
                 ) from None
             self.idle()
-        self._raise_if_diverted()
+        self._raise_if_handed_over()
 
     def _pending(self) -> bool:
-        """Pump; True while bytes are still queued here."""
+        """Pump; True while bytes are still in the backlog (or part-way out)."""
         return bool(self._data.pump()) or self._send_rest()
 
     def _send_rest(self) -> bool:
@@ -622,19 +624,19 @@ class Transport:
             self._data.locked(stream.send_rest_locked)
         return stream.sending()
 
-    def _raise_if_diverted(self) -> None:
-        if self._data.diverted:
-            raise ServerGone(self)
+    def _raise_if_handed_over(self) -> None:
+        if self._data.handed_over:
+            raise ServerLost(self)
 
     def _next_event(self, deadline: Deadline) -> Any:
-        """The server's next answer, watching for its end (which diverts or raises)."""
+        """The server's next answer, watching for its end (a hand-over, or a raise)."""
         data, control = self._data, self._control
         channel = control.channel
         while not channel.has_events():
-            self._raise_if_diverted()
+            self._raise_if_handed_over()
             if channel.eof:
                 data.locked(self.check_control)
-                self._raise_if_diverted()
+                self._raise_if_handed_over()
                 raise self._closed_by_server()
             data.wake()
             control.wait(deadline.step(0.05), self._send_rest())
@@ -643,7 +645,7 @@ class Transport:
         return channel.event(deadline)
 
     def _closed_by_server(self) -> BaseException:
-        """What the server's EOF means when nothing was diverted: its error, if it sent one."""
+        """What the server's EOF means when nothing was handed over: its error, if it sent one."""
         if self._data.error is not None:
             return self._data.error.with_traceback(None)
         return BrokenPipeError("the offlog server closed the connection")
@@ -661,7 +663,7 @@ class Transport:
             try:
                 event = self._next_event(deadline)
             except BaseException:
-                self._raise_if_diverted()
+                self._raise_if_handed_over()
                 raise
             if type(event) is P.Flushed and event.token == request:
                 if position is not None:  # what FLUSHED covers is written (a ring's TAIL says so itself)
@@ -680,10 +682,10 @@ class Transport:
             self._drain(deadline)
             data.locked(self._close_locked)
             while self._send_rest() and not self._control.channel.closing():  # the DROPPED report, if any
-                self._raise_if_diverted()
+                self._raise_if_handed_over()
                 deadline.left()
                 self.idle()
-            self._raise_if_diverted()
+            self._raise_if_handed_over()
             self._control.end_data()
             self._await_bye(deadline)
         finally:
@@ -692,29 +694,29 @@ class Transport:
 
     def _close_locked(self) -> None:
         self._data.pump_locked()
-        self._raise_if_diverted()
+        self._raise_if_handed_over()
         self._control.report_dropped_locked()
         self._data.close_locked()  # later writes raise ValueError
         self._closing = True
 
     def _await_bye(self, deadline: Deadline) -> None:
         """BYE ends the close. So does the end of the connection (or the server's
-        exit) if nothing is unconfirmed; else the unconfirmed bytes are diverted
-        (ServerGone: the reconnect delivers them). A file error is raised."""
+        exit) if nothing is unconfirmed; else the unconfirmed bytes are handed over
+        (ServerLost: the reconnect delivers them). A file error is raised."""
         control = self._control
         while True:
             try:
                 event = self._next_event(deadline) if control.framed else control.channel.event(deadline)
                 error = self._data.locked(self._answer_error, event) if type(event) is P.Error else None
-                if isinstance(error, ServerGone):
+                if isinstance(error, ServerLost):
                     raise error
             except EOFError:
                 return  # 0.x confirms nothing: what was sent is all we know
-            except (ServerGone, OSError):
+            except (ServerLost, OSError):
                 if self._nothing_unconfirmed():
                     return  # every byte confirmed: nothing to re-send, nothing lost
-                if not self._data.diverted:
-                    self._data.locked(self._divert_on_close)
+                if not self._data.handed_over:
+                    self._data.locked(self._hand_over_on_close)
                 raise
             if error is not None:
                 raise error  # the file failed
@@ -725,8 +727,8 @@ class Transport:
         data = self._data
         return not data.unconfirmed_bytes() and not data.backlog_bytes
 
-    def _divert_on_close(self) -> None:
-        """Closing, the server gone with bytes unconfirmed: divert them (ServerGone:
+    def _hand_over_on_close(self) -> None:
+        """Closing, the server lost with bytes unconfirmed: hand them over (ServerLost:
         the reconnect delivers them), or raise the server's error."""
         self._closing = False
         raise self._judge_locked(BrokenPipeError("the offlog server closed the connection"))
@@ -757,7 +759,7 @@ def open_transport(
     timeout_ms: Optional[float],
     shm: Optional[bool],
     fsync: bool,
-    limit: Optional[QueueLimit] = None,
+    limit: Optional[BacklogLimit] = None,
 ) -> Transport:
     """Connect, handshake, negotiate a ring; return the transport to use."""
     deadline = Deadline(timeout_ms)
@@ -796,7 +798,11 @@ def _open_flags(shm: Optional[bool], fsync: bool) -> int:
 
 
 def _take_offer(
-    channel: _Channel, offer: P.ShmOffer, shm: Optional[bool], timeout_ms: Optional[float], limit: Optional[QueueLimit]
+    channel: _Channel,
+    offer: P.ShmOffer,
+    shm: Optional[bool],
+    timeout_ms: Optional[float],
+    limit: Optional[BacklogLimit],
 ) -> Transport:
     """Map the offered ring and accept it; decline it (a socket session) if that fails."""
     transport = Transport(channel, timeout_ms, limit)
@@ -832,7 +838,7 @@ def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] =
 
 
 def _open_legacy(
-    path: str, sock_path: str, deadline: Deadline, timeout_ms: Optional[float], limit: Optional[QueueLimit]
+    path: str, sock_path: str, deadline: Deadline, timeout_ms: Optional[float], limit: Optional[BacklogLimit]
 ) -> Transport:
     channel = _Channel(connect(sock_path, deadline))
     try:
@@ -856,7 +862,7 @@ def connect(sock_path: str, deadline: Deadline) -> socket.socket:
                 sock.connect(sock_path)
                 return sock
             except (BlockingIOError, InterruptedError):
-                pass  # the server's listen backlog is full: it is busy, not gone
+                pass  # the server's listen backlog is full: it is busy, not lost
             except FileNotFoundError:
                 raise FileNotFoundError(
                     errno.ENOENT,

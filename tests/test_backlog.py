@@ -15,7 +15,7 @@ records = st.lists(st.binary(min_size=1, max_size=40), max_size=30)
 
 
 class Model:
-    """The backlog as a plain list of the bytes of each record still (partly) queued."""
+    """The backlog as a plain list of the bytes of each record still (partly) in it."""
 
     def __init__(self) -> None:
         self.parts: list = []
@@ -144,7 +144,7 @@ def test_taking_batches_across_segments_never_skips_a_byte():
 
 
 def test_an_unterminated_tail_becomes_a_record():
-    """What an append interrupted between its two steps leaves behind is still queued, as one record."""
+    """What an append interrupted between its two steps leaves behind is still in the backlog, as one record."""
     backlog = Backlog()
     backlog.append(b"whole\n")
     backlog._segments[-1] += b"tail"  # the first half of an interrupted append

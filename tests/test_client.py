@@ -95,7 +95,7 @@ def test_backpressure_never_reorders(start_server, workdir, ring):
     server.signal(signal.SIGSTOP)
     try:
         i = 0
-        while f.backlog == 0 or i < 30000:  # until writes are queued, and then some more
+        while f.backlog == 0 or i < 30000:  # until writes wait in the backlog, and then some more
             f.write(numbered(i))
             i += 1
         assert f.backlog > 0
@@ -167,7 +167,7 @@ def test_threads_sharing_one_proxyfile_keep_every_record_whole(transport_server,
 
 
 # -- exit, exceptions and fork ----------------------------------------------------------
-def test_queued_data_is_flushed_at_exit_after_an_uncaught_exception(start_server, workdir, procs):
+def test_the_backlog_is_flushed_at_exit_after_an_uncaught_exception(start_server, workdir, procs):
     server = start_server()
     target = workdir / "exit.log"
     code = f"""
@@ -283,6 +283,6 @@ def test_reconnect_false_raises_when_the_server_stops(start_server, workdir, shm
     server.stop()
     with pytest.raises(OSError, match="offlog server exited"):
         for _ in range(100):
-            f.write(b"after the server is gone\n")
+            f.write(b"after the server is lost\n")
             time.sleep(0.01)
         f.close()

@@ -199,7 +199,7 @@ print(json.dumps({{"accepted": accepted, "other": other, "stuck": sum(th.is_aliv
 
 
 def test_a_write_racing_a_failed_close_raises_value_error(start_server, workdir, procs):
-    """The server is gone for good and close() times out: a write through a ``write`` bound
+    """The server is lost for good and close() times out: a write through a ``write`` bound
     before (a thread that raced the close) raises ValueError, never vanishes into a backlog."""
     server = start_server("--shm")
     target = workdir / "failedclose.log"
@@ -330,7 +330,7 @@ def test_missing_server_error_names_the_socket(workdir):
 def test_stale_socket_error_names_the_socket(workdir):
     path = str(workdir / "stale.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(path)  # the file of a server that is gone: nobody listens
+    stale.bind(path)  # the file of a server that is lost: nobody listens
     stale.close()
     with pytest.raises(ConnectionRefusedError) as caught:
         offlog.ProxyFile(str(workdir / "x.log"), path)
@@ -349,7 +349,7 @@ def test_exit_with_nothing_pending_after_the_server_vanished_is_quiet(transport_
     try:
         status = client.finish(timeout=10)
     except subprocess.TimeoutExpired:
-        pytest.fail("the client's exit waited more than 10 s for a server that is gone")
+        pytest.fail("the client's exit waited more than 10 s for a server that is lost")
     finally:
         ServerProcess(procs, server.workdir, *server.args, sock=server.sock).start().stop()  # sweeps its ring
     assert status == 0

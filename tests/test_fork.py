@@ -142,9 +142,10 @@ print(json.dumps(status))
     assert_exactly_once(target.read_bytes(), keys("P", range(2)) | keys("C", range(100)))
 
 
-def test_a_signal_handler_writing_during_a_childs_first_write_is_queued(transport_server, workdir, procs):
+def test_a_signal_handler_writing_during_a_childs_first_write_is_delivered(transport_server, workdir, procs):
     """The child's first write opens its connection (the server is stopped, so the handshake
-    waits); a timer's handler writes meanwhile to the same ProxyFile: queued, not a deadlock."""
+    waits); a timer's handler writes meanwhile to the same ProxyFile: its record is set aside
+    and delivered, not a deadlock."""
     target = workdir / "firstwrite.log"
     shm = transport_server.transport == "shm"
     code = f"""

@@ -7,9 +7,10 @@ Subprocesses and the test synchronise through marker files in the workdir.
 
 0.x clients here make at most ~100 small writes per connection. That keeps
 them far from a full socket buffer (~270 small sends with wmem_default), and
-so away from a bug of their own: once a write has been queued, their
-write() retries the queue, swallows EAGAIN, then sends the *new* bytes
-directly, which overtake the queued ones if the server read in between.
+so away from a bug of their own: once a write has gone to their backlog
+(``_sendqueue``), their write() retries the backlog, swallows EAGAIN, then
+sends the *new* bytes directly, which overtake the backlog's if the server
+read in between.
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ def test_our_logger_writes_through_0x_server(version, peers, workdir, start_serv
 @pytest.mark.parametrize("version", PEER_VERSIONS)
 def test_0x_client_and_shm_client_share_a_file(version, peers, procs, workdir, shm_server):
     path = workdir / "shared.log"
-    # The 0.x client sends 50 writes of 40 lines: never queued (see the top),
+    # The 0.x client sends 50 writes of 40 lines: never in its backlog (see the top),
     # each write one segment, all under one 256 KiB recv, so lines stay whole
     # even though 0.x bytes carry no record boundaries.
     theirs, ours = numbered("0x", 2000), numbered("shm", 2000)

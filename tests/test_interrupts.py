@@ -4,7 +4,7 @@ A Python signal handler runs in the main thread between two bytecodes of
 whatever it was doing, so it can land inside write(): a KeyboardInterrupt
 raised there must leave no lock or token taken and no half record on the
 wire, and a handler that writes to the ProxyFile it interrupted must have
-its record queued, not deadlock. The interrupts come from a timer
+its record set aside and delivered, not deadlock. The interrupts come from a timer
 (``ITIMER_REAL``, SIGALRM) in the client's own interpreter, at random
 intervals of a fraction of a millisecond, so they land all over the write
 path. (A signal does not queue: a client descheduled for a while gets one

@@ -1,4 +1,4 @@
-"""Operating a server: status reports, bounded client queues, socket permissions, sync."""
+"""Operating a server: status reports, bounded client backlogs, socket permissions, sync."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def test_status_counts_errors(server, workdir):
     assert status["errors"] == 1 and "access denied" in status["recent_errors"][0]
 
 
-# -- bounded queues ---------------------------------------------------------------------
+# -- bounded backlogs -------------------------------------------------------------------
 def stalled_proxy(start_server, workdir, transport: str, **options):
-    """A ProxyFile whose server is stopped (SIGSTOP), so its writes queue locally."""
+    """A ProxyFile whose server is stopped (SIGSTOP), so its writes stay in its backlog."""
     server = start_server("--shm", "--ring-size", "64K")
     f = offlog.ProxyFile(str(workdir / "q.log"), server.sock, shm=transport == "shm", **options)
     server.signal(signal.SIGSTOP)
@@ -84,7 +84,7 @@ def stalled_proxy(start_server, workdir, transport: str, **options):
 
 
 def fill(f, stop_when_dropped: bool = True, limit: int = 200_000) -> int:
-    """Write 100-byte records until the queue limit bites; return how many write() calls."""
+    """Write 100-byte records until the backlog's limit bites; return how many write() calls."""
     for i in range(limit):
         f.write(b"%099d\n" % i)
         if stop_when_dropped and f.dropped:
@@ -93,7 +93,7 @@ def fill(f, stop_when_dropped: bool = True, limit: int = 200_000) -> int:
 
 
 @pytest.mark.parametrize("transport", ["socket", "shm"])
-def test_drop_policy_bounds_the_queue_and_reports_what_it_dropped(start_server, workdir, transport):
+def test_drop_policy_bounds_the_backlog_and_reports_what_it_dropped(start_server, workdir, transport):
     server, f = stalled_proxy(start_server, workdir, transport, max_queue=20_000, on_full="drop")
     try:
         calls = fill(f, stop_when_dropped=False, limit=20_000)
@@ -114,7 +114,7 @@ def test_drop_policy_bounds_the_queue_and_reports_what_it_dropped(start_server, 
 def test_raise_policy_raises_blocking_io_error(start_server, workdir, transport):
     server, f = stalled_proxy(start_server, workdir, transport, max_queue=20_000, on_full="raise")
     try:
-        with pytest.raises(BlockingIOError, match="queue full"):
+        with pytest.raises(BlockingIOError, match="backlog full"):
             fill(f, stop_when_dropped=False)
     finally:
         server.signal(signal.SIGCONT)
@@ -125,7 +125,7 @@ def test_raise_policy_raises_blocking_io_error(start_server, workdir, transport)
 def test_block_policy_waits_at_most_the_timeout(start_server, workdir, transport):
     server, f = stalled_proxy(start_server, workdir, transport, max_queue=20_000, on_full="block", timeout=300)
     try:
-        with pytest.raises(TimeoutError, match="queue stayed full"):
+        with pytest.raises(TimeoutError, match="backlog stayed full"):
             fill(f, stop_when_dropped=False)
     finally:
         server.signal(signal.SIGCONT)

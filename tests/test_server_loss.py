@@ -99,7 +99,7 @@ def test_every_wait_notices_a_lost_server(start_server, start_again, procs, work
     server.signal(signal.SIGSTOP)
     try:
         if wait == "block":
-            client.send("result = write('B', 0, 2000, 1000)")  # 2 MB: blocks once the queue is full
+            client.send("result = write('B', 0, 2000, 1000)")  # 2 MB: blocks once the backlog is full
         else:
             client.write("B", 0, 600, 1000)
             client.send(f"f.{wait}()")
@@ -141,7 +141,7 @@ def test_records_written_while_the_server_is_stopped_or_restarting_all_arrive(
     assert_at_least_once(target.read_bytes(), written, written)
 
 
-def bounded_queue_recovers(server, start_again, procs, workdir, shm: bool, on_full: str, outage: str) -> None:
+def bounded_backlog_recovers(server, start_again, procs, workdir, shm: bool, on_full: str, outage: str) -> None:
     """max_queue overflows while the server is away; once it is back and the backlog is drained,
     10,000 further writes are all accepted and delivered, and ``dropped`` stays where it was."""
     target = workdir / "bounded.log"
@@ -159,7 +159,7 @@ def bounded_queue_recovers(server, start_again, procs, workdir, shm: bool, on_fu
         else:
             server.signal(signal.SIGCONT)
     refused = set(range(2000)) - set(stalled["accepted"])
-    assert refused, "precondition: 2 MB into a stopped server overflows a 64 KiB queue"
+    assert refused, "precondition: 2 MB into a stopped server overflows a 64 KiB backlog"
     if on_full == "raise":
         assert set(stalled["raised"]) == refused and set(stalled["raised"].values()) == {"BlockingIOError"}
     else:
@@ -179,13 +179,13 @@ def bounded_queue_recovers(server, start_again, procs, workdir, shm: bool, on_fu
 @pytest.mark.parametrize("outage", ["stopped", "killed"])
 @pytest.mark.parametrize("shm", [True, False], ids=["shm", "socket"])
 def test_drop_policy_recovers_after_the_server_returns(start_server, start_again, procs, workdir, shm, outage):
-    bounded_queue_recovers(start_server(*SMALL_RING), start_again, procs, workdir, shm, "drop", outage)
+    bounded_backlog_recovers(start_server(*SMALL_RING), start_again, procs, workdir, shm, "drop", outage)
 
 
 @pytest.mark.parametrize("outage", ["stopped", "killed"])
 @pytest.mark.parametrize("shm", [True, False], ids=["shm", "socket"])
 def test_raise_policy_recovers_after_the_server_returns(start_server, start_again, procs, workdir, shm, outage):
-    bounded_queue_recovers(start_server(*SMALL_RING), start_again, procs, workdir, shm, "raise", outage)
+    bounded_backlog_recovers(start_server(*SMALL_RING), start_again, procs, workdir, shm, "raise", outage)
 
 
 @pytest.mark.parametrize("shm", [True, False], ids=["shm", "socket"])
@@ -200,7 +200,7 @@ def test_block_policy_while_reconnecting_delivers_the_record(start_server, start
     client.write("A", 0, 10, 100)
     client.run("f.sync()")
     server.kill()
-    client.send("result = write('B', 0, 40, 1000)")  # 40 KB into a 4 KiB queue with no server
+    client.send("result = write('B', 0, 40, 1000)")  # 40 KB into a 4 KiB backlog with no server
     time.sleep(0.5)  # let a write block (if none has yet, the test proves a little less, never fails)
     server = start_again(server)
     answer = client.reply(timeout=30)

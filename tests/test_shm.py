@@ -52,7 +52,7 @@ def test_the_stress_check_catches_positions_published_with_pack_into():
     pytest.fail("twenty runs of two million records never exposed a zero-filled head")
 
 
-def test_a_write_bigger_than_the_ring_is_queued_and_fed_through_in_order(start_server, workdir):
+def test_a_write_bigger_than_the_ring_waits_in_the_backlog_and_is_fed_through_in_order(start_server, workdir):
     server = start_server("--shm", "--ring-size", "64K")
     target = workdir / "big.log"
     f = offlog.ProxyFile(str(target), server.sock, shm=True)

@@ -12,7 +12,7 @@ times every call. Meanwhile this process either
   reported as the outcome), or
 * **stop**: SIGSTOPs the server ``cfg.restart_lead_s`` into the run and
   SIGCONTs it ``cfg.restart_stop_s`` later (the ring or socket buffer fills;
-  the client queues locally).
+  the client keeps writes in its backlog).
 
 Writing goes on ``cfg.restart_tail_s`` after the restart or SIGCONT, then
 ``close()`` is the barrier (bounded by ``cfg.restart_close_timeout_ms``; a
@@ -20,9 +20,9 @@ close that raises is reported, not fatal). Systems: our ProxyFile over the
 ring and over the socket, and 0.3.1's ProxyFile with its own server.
 
 Figures, per system and case: calls, p50/p99/p99.9/max latency and when the
-slowest call started; the bytes the client held locally at peak (our
-``ProxyFile.backlog``; 0.3.1 has no such figure, so the length of its send
-queue); the writer's memory: VmHWM growth (the worker reads its own before
+slowest call started; the client's backlog at peak (our
+``ProxyFile.backlog``; 0.3.1 has no such figure, so the length of its
+``_sendqueue``); the writer's memory: VmHWM growth (the worker reads its own before
 the loop and after close()) and the peak growth of RssAnon, sampled from
 here every 10 ms (anonymous memory only: a ring that a reconnect maps, 4 MiB
 prefaulted, counts in VmHWM but not here), and their ratio to the bytes held
@@ -192,8 +192,8 @@ def _one_run(lab: Lab, cfg: Config, system: str, case: str) -> Dict[str, Any]:
         "close": result["close"],
         "close_s": result["close_ns"] / 1e9,
         "writing_s": result["writing_ns"] / 1e9,
-        "peak_queued": result["peak_queued"],
-        "peak_queued_at_s": result["peak_queued_at_ns"] / 1e9,
+        "peak_backlog": result["peak_backlog"],
+        "peak_backlog_at_s": result["peak_backlog_at_ns"] / 1e9,
         "memory_kib": memory,
         "peak_rss_growth_kib": memory["after_close"]["VmHWM"] - memory["before"]["VmHWM"],
         "peak_anon_growth_kib": max(0, peak_anon_kib - memory["before"]["RssAnon"]),
@@ -301,10 +301,10 @@ def table(data: Dict[str, Any]) -> str:
         "max ms",
         "slowest at s",
         "events s",
-        "queued at peak MiB",
+        "backlog at peak MiB",
         "peak RSS +MiB",
         "anon +MiB",
-        "anon / queued",
+        "anon / backlog",
         "records in file",
         "close s",
         "max x vs 0.3.1",
@@ -319,7 +319,7 @@ def table(data: Dict[str, Any]) -> str:
                 continue
             p, max_ns = fig["percentiles_ns"], _max_ns(fig)
             timed = max_ns is not None  # latencies across the outage: only if the writer got through it
-            queued = fig["peak_queued"]
+            backlog = fig["peak_backlog"]
             anon = fig["peak_anon_growth_kib"] * 1024
             rows.append(
                 [
@@ -331,10 +331,10 @@ def table(data: Dict[str, Any]) -> str:
                     f"{max_ns / 1e6:,.2f}" if timed else "-",
                     f"{fig['slowest'][0]['at_s']:.2f}" if timed else "-",
                     _events(fig),
-                    _mib(queued / 1024),
+                    _mib(backlog / 1024),
                     _mib(fig["peak_rss_growth_kib"]),
                     _mib(fig["peak_anon_growth_kib"]),
-                    f"{anon / queued:.1f}x" if queued >= 64 * 1024 else "-",
+                    f"{anon / backlog:.1f}x" if backlog >= 64 * 1024 else "-",
                     _arrived(fig["arrived"]),
                     f"{fig['close_s']:.2f}",
                     report.times_better(max_ns, _max_ns(peer.get(case)), lower_is_better=True),
@@ -345,10 +345,10 @@ def table(data: Dict[str, Any]) -> str:
         f"kill: the server is SIGKILLed {data['lead_s']:g} s in and a new one started on the same socket "
         f"{data['gap_s']:g} s later; stop: SIGSTOP {data['lead_s']:g} s in, SIGCONT {data['stop_s']:g} s later; "
         f"writing goes on {data['tail_s']:g} s after that, then close() is the barrier. Times in s since go. "
-        "'queued at peak': bytes the client held in its own memory (ours: ProxyFile.backlog; 0.3.1: its send "
-        "queue); a ring's contents are not counted (shared memory, allocated at open). 'peak RSS +': VmHWM "
+        "'backlog at peak': bytes the client held in its own memory (ours: ProxyFile.backlog; 0.3.1: its "
+        "_sendqueue); a ring's contents are not counted (shared memory, allocated at open). 'peak RSS +': VmHWM "
         "growth over the run (includes a ring the reconnect maps); 'anon +': peak RssAnon growth, sampled every "
-        "10 ms; 'anon / queued': what each queued byte cost (shown from 64 KiB queued). 'records in file': "
+        "10 ms; 'anon / backlog': what each backlog byte cost (shown from a 64 KiB backlog). 'records in file': "
         "distinct records present / written (lost, written twice, torn: lines that are not one whole record). "
         "Latencies are '-' where the writer could not write through the outage. Ratios use the max latency. "
         + report.RATIO_NOTE

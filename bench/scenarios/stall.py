@@ -15,7 +15,7 @@ write); plain file and stdlib handlers open it in the worker. The reader
 opens the FIFO first (non-blocking), so nobody's open blocks. The worker runs
 in ``timed`` mode with pacing and a duration. The reader counts the lines it
 read: every call must arrive. The writing phase is small (about 100 KB/s)
-so offlog's local queue (ring, socket buffer, backlog) absorbs it.
+so what offlog holds on the client side (ring, socket buffer, backlog) absorbs it.
 """
 
 from __future__ import annotations

@@ -130,19 +130,19 @@ class Producer(token.Guarded):
     socket's, in :mod:`offlog.socketpath`, answer the same calls).
     ``doorbell`` wakes a sleeping consumer (posts the semaphore);
     ``on_failed`` is called (token held) when the consumer has flagged an
-    error, and raises it or diverts; ``on_interrupt`` (token held) by the
+    error, and raises it or hands over; ``on_interrupt`` (token held) by the
     first write after :meth:`interrupt` (the control socket hung up). Writes
     that do not fit wait in a local :class:`~offlog.backlog.Backlog`, in
     order, and move into the ring on later writes, on :meth:`pump` and on
-    close. ``admit(queued, n)`` is the queue policy for a write that would
-    grow the backlog: True to queue it, False to drop it, :data:`WAIT` to
+    close. ``admit(backlog, n)`` is the backlog's limit for a write that
+    would grow it: True to take the write, False to drop it, :data:`WAIT` to
     wait for room, or it raises. A waiting write gives the token back and
     calls ``idle(since)`` (which raises TimeoutError once the wait that began
     at ``since`` is too long) before it tries again.
 
     Threads: the producer's state is guarded by a write token
     (:mod:`offlog.token`), which also makes a signal handler that writes
-    while it interrupted a write queue its bytes instead of deadlocking.
+    while it interrupted a write set its bytes aside instead of deadlocking.
     """
 
     def __init__(
@@ -170,12 +170,12 @@ class Producer(token.Guarded):
         self._on_failed = on_failed
         self._on_interrupt = on_interrupt
         self._interrupted = False
-        self._diverted: Optional[Callable[[Buffer], None]] = None
+        self._forward: Optional[Callable[[Buffer], None]] = None
         self._closed = False
         self.error: Optional[BaseException] = None  # the server's, raised by every later write
         self._big: Optional[Tuple[int, bytes]] = None  # (head at its start, bytes) of an oversized write
-        self._handover: Optional[Handover] = None  # what a divert is handing to its handler
-        self._divert_to: Any = None
+        self._handover: Optional[Handover] = None  # what a hand-over cut short was handing over
+        self._hand_over_to: Any = None
         self._skip = 0
         self._limit = 0
         self._update_limit()
@@ -191,7 +191,7 @@ class Producer(token.Guarded):
         # ~20 ns, the call itself ~30 ns. No syscall unless the consumer
         # sleeps (then one sem_post). ``_limit`` folds three checks into one:
         # room left before the cached tail, the end of this lap of the ring,
-        # and "take the slow path" (backlog, interrupt, divert, close: -1).
+        # and "take the slow path" (backlog, interrupt, hand-over, close: -1).
         tok = self._token  # (not "token": that name is an import here, and the compiler
         try:  # would look ``tok.pop`` up as an attribute instead of a method call)
             tok.pop()
@@ -221,7 +221,7 @@ class Producer(token.Guarded):
         return self._write_slow(data)
 
     def _pump_step(self) -> None:
-        if self._backlog and self._diverted is None and self.error is None:
+        if self._backlog and self._forward is None and self.error is None:
             self._drain_backlog()
 
     def interrupt(self) -> None:
@@ -229,27 +229,27 @@ class Producer(token.Guarded):
         self._interrupted = True
         self._limit = -1
 
-    def divert_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
-        """Token held: hand every byte the consumer has not released (the ring's
+    def hand_over_locked(self, make_handler: Callable[[Backlog], Callable[[Buffer], None]]) -> None:
+        """Token held: hand every byte the consumer has not confirmed (the ring's
         ``[TAIL, head)``, then the backlog) to ``make_handler``, and send every
         later write to the handler it returns."""
-        if self._diverted is not None:
+        if self._forward is not None:
             return
         self._take_reentered()
         self._limit = -1
-        self._divert_to = make_handler
+        self._hand_over_to = make_handler
         if self._handover is None:  # kept until the handler took it: an interrupt in there loses nothing
-            unreleased = Backlog()
-            skip = self._unreleased_into(unreleased) if self._words is not None else 0
+            unconfirmed = Backlog()
+            skip = self._unconfirmed_into(unconfirmed) if self._words is not None else 0
             handover = Handover()
-            handover.take(unreleased)
+            handover.take(unconfirmed)
             self._handover, self._skip = handover, skip
         skip, self._skip = self._skip, 0
         if skip:
             self._backlog.consume(skip)  # an oversized write's unfed rest: it is in the handover whole
         self._handover.take(self._backlog)  # by reference, then a new backlog: never taken twice
         self._backlog = Backlog()
-        self._diverted = make_handler(self._handover.merged())
+        self._forward = make_handler(self._handover.merged())
         self._handover = None
 
     def close_locked(self) -> None:
@@ -265,10 +265,10 @@ class Producer(token.Guarded):
     def unconfirmed_bytes(self) -> int:
         return self._head - self._tail if self._words is not None else 0
 
-    def _unreleased_into(self, out: Backlog) -> int:
-        """Token held, diverting: the ring's unreleased bytes into ``out``; returns
-        how many bytes at the backlog's front ``out`` holds already. An
-        oversized write the consumer had not wholly released goes whole, from
+    def _unconfirmed_into(self, out: Backlog) -> int:
+        """Token held, handing over: the ring's unconfirmed bytes into ``out``;
+        returns how many bytes at the backlog's front ``out`` holds already. An
+        oversized write the consumer had not wholly confirmed goes whole, from
         its first byte: a consumer that wrote part of it and died leaves a
         fragment in the file, and the record follows whole."""
         tail = self._words[TAIL_WORD]
@@ -301,13 +301,13 @@ class Producer(token.Guarded):
         self._words = self._data = None  # type: ignore[assignment]
         self._backlog = Backlog()
         self._reentered.clear()
-        self._diverted = forward
+        self._forward = forward
         self._token = token.new()  # another thread of the parent may have held it at the fork
 
     # -- slow path -------------------------------------------------------------
     def _write_locked(self, view: memoryview):
-        """Token held: None when done, WAIT, or the handler of a diverted producer."""
-        if self._interrupted and self._diverted is None and not self._closed:
+        """Token held: None when done, WAIT, or the write that took over (a hand-over)."""
+        if self._interrupted and self._forward is None and not self._closed:
             self._interrupted = False
             self._update_limit()
             self._on_interrupt()
@@ -394,10 +394,10 @@ class Producer(token.Guarded):
             raise RingCorrupt(f"consumer position {tail} outside [{self._tail}, {self._head}]")
         self._tail = tail
         if self._big is not None and tail >= self._big[0] + len(self._big[1]):
-            self._big = None  # released whole: nothing of it to re-send
+            self._big = None  # confirmed whole: nothing of it to re-send
 
     def _update_limit(self) -> None:
-        if self._backlog or self._diverted is not None or self._closed or self._reentered or self.error is not None:
+        if self._backlog or self._forward is not None or self._closed or self._reentered or self.error is not None:
             self._limit = -1
         else:
             self._limit = min(self._tail + self._capacity, (self._head | self._mask) + 1)
@@ -415,8 +415,8 @@ class Producer(token.Guarded):
 WAIT = token.WAIT
 
 
-def admit_all(queued: int, n: int) -> bool:
-    """The default queue policy: unbounded, as in offlog 0.x."""
+def admit_all(backlog: int, n: int) -> bool:
+    """The default backlog limit: none, as in offlog 0.x."""
     return True
 
 
@@ -457,8 +457,8 @@ class Consumer:
         """The bytes in [tail, head) as one or two views (two when they wrap)."""
         return _pieces(self._data, self._tail, head - self._tail)
 
-    def unconsumed(self) -> int:
-        """Bytes published but not yet written, as far as a status report needs (unchecked)."""
+    def unconfirmed(self) -> int:
+        """Bytes published but not yet written (released), as far as a status report needs (unchecked)."""
         return max(0, self._words[HEAD_WORD] - self._tail)
 
     def release(self, position: int) -> None:
