@@ -170,7 +170,7 @@ def render_status(status: dict) -> str:
         f"dropped: {_bytes(status['dropped_bytes'])}",
         "",
     ]
-    clients = [["ID", "PID", "UID", "TRANSPORT", "WRITTEN", "BACKLOG", "DROPPED", "FILE"]]
+    clients = [["ID", "PID", "UID", "TRANSPORT", "WRITTEN", "UNCONFIRMED", "DROPPED", "FILE"]]
     for c in status["clients"]:
         clients.append(
             [
@@ -179,7 +179,7 @@ def render_status(status: dict) -> str:
                 str(c["uid"]),
                 c["transport"] + ("" if c["dialect"] == "framed" else " (0.x)"),
                 _bytes(c["bytes_written"]),
-                _bytes(c["backlog"]),
+                _bytes(c["unconfirmed"]),
                 _bytes(c["dropped_bytes"]),
                 c["file"],
             ]

@@ -382,9 +382,9 @@ class Session:
         """This client's line of the status report (any thread, at any moment)."""
         with self._ring_lock:
             if self.ring is not None:
-                transport, backlog = "shm", 0 if self._ring_closed else self.ring.consumer.unconfirmed()
+                transport, unconfirmed = "shm", 0 if self._ring_closed else self.ring.consumer.unconfirmed()
             else:
-                transport, backlog = "socket", self.conn.pending
+                transport, unconfirmed = "socket", self.conn.pending
         return {
             "id": self.id,
             "pid": self.pid,
@@ -394,7 +394,7 @@ class Session:
             "dialect": "framed" if self.conn.framed else "0.x",
             "connected": round(self.connected, 3),
             "bytes_written": self.written,
-            "backlog": backlog,
+            "unconfirmed": unconfirmed,
             "dropped_bytes": self.dropped,
         }
 
@@ -558,7 +558,7 @@ class Session:
             if not (self.server.stopping and self.conn.state == "ERROR"):
                 raise
             self._append(batch)
-            self.server.info(f"Client {self.id} cut off in the middle of a frame: {self.conn.pending} bytes unwritten")
+            self.server.info(f"Client {self.id} cut off in the middle of a frame: {self.conn.pending} bytes discarded")
             return True  # stopping: the shutdown error is the answer, not a protocol error
 
     def _append(self, parts: List) -> None:
@@ -574,7 +574,7 @@ class Session:
             self.sock.send(self.conn.send(P.Written(self.written)), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
             self.confirmed = self.written
         except OSError:
-            pass  # full (the next WRITTEN will do) or gone (the read side notices)
+            pass  # full (the next WRITTEN will do) or the client left (the read side notices)
 
     def _write_or_report(self, operation, *args):
         """Run a file operation; an OSError ends this client with that error."""
@@ -692,7 +692,7 @@ class Session:
             self.sock.close()
             self._close_ring()
             if self.dropped:
-                server.warn(f"Client {self.id} dropped {self.dropped} bytes (its local queue was full)")
+                server.warn(f"Client {self.id} dropped {self.dropped} bytes (its backlog was full)")
                 server.dropped_closed += self.dropped
             if self.file is not None:
                 server.info(f"Client {self.id} closed {self.file.path}")

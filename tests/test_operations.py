@@ -54,7 +54,7 @@ def test_status_reports_clients_files_and_transports(shm_server, workdir):
         files = {os.path.basename(f["path"]): f for f in status["files"]}
         assert files["sock.log"]["clients"] == 2 and files["ring.log"]["bytes_written"] == 1000
         table = run_status(shm_server.sock).stdout
-        assert re.search(r"^ID\s+PID\s+UID\s+TRANSPORT\s+WRITTEN\s+BACKLOG\s+DROPPED\s+FILE", table, re.M)
+        assert re.search(r"^ID\s+PID\s+UID\s+TRANSPORT\s+WRITTEN\s+UNCONFIRMED\s+DROPPED\s+FILE", table, re.M)
         assert "socket (0.x)" in table and str(workdir / "ring.log") in table
     finally:
         legacy.close()
@@ -107,7 +107,7 @@ def test_drop_policy_bounds_the_backlog_and_reports_what_it_dropped(start_server
     records = [data[k : k + 100] for k in range(0, len(data), 100)]
     numbers = [int(r) for r in records]  # every record whole: 99 digits and a newline
     assert numbers == sorted(numbers) and numbers[0] == 0
-    server.wait_log(f"dropped {f.dropped} bytes (its local queue was full)")
+    server.wait_log(f"dropped {f.dropped} bytes (its backlog was full)")
 
 
 @pytest.mark.parametrize("transport", ["socket", "shm"])

@@ -114,13 +114,15 @@ def private_dev_shm():
         pytest.fail(f"unshare -m with a tmpfs mount is needed for this test (run as root): {result.stderr}")
 
 
-def test_full_dev_shm_falls_back_to_the_socket(procs, workdir, private_dev_shm):
-    """The server's /dev/shm is a 16 KiB tmpfs: no 4 MiB ring fits, clients get the socket."""
-    sock = str(workdir / "full.sock")
-    cmd = 'mount -t tmpfs -o size=16k tmpfs /dev/shm && exec "$0" -m offlog --shm -s "$1"'
+def _socket_only_in_a_16k_dev_shm(procs, workdir, *options: str) -> str:
+    """Start a --shm server (with ``options``) whose /dev/shm is a 16 KiB tmpfs,
+    check that a client gets the socket and loses nothing, stop the server;
+    return what it logged."""
+    sock = str(workdir / "small.sock")
+    cmd = 'mount -t tmpfs -o size=16k tmpfs /dev/shm && exec "$0" -m offlog --shm "$@"'
     out = open(workdir / "server.out", "wb")
     server = procs.start(
-        ["unshare", "-m", "sh", "-c", cmd, sys.executable, sock],
+        ["unshare", "-m", "sh", "-c", cmd, sys.executable, *options, "-s", sock],
         stdout=out,
         stderr=subprocess.STDOUT,
         cwd=str(workdir),
@@ -135,7 +137,20 @@ def test_full_dev_shm_falls_back_to_the_socket(procs, workdir, private_dev_shm):
     assert (workdir / "a.log").read_bytes() == b"still written\n"
     server.send_signal(signal.SIGTERM)
     server.wait(30)
-    assert "could not create the ring" in (workdir / "server.out").read_text()
+    return (workdir / "server.out").read_text()
+
+
+def test_full_dev_shm_falls_back_to_the_socket(procs, workdir, private_dev_shm):
+    """No 4 MiB ring fits in a 16 KiB /dev/shm: creating it fails, clients get the socket.
+    (--max-ring-memory is raised past /dev/shm's size so that the creation is tried.)"""
+    assert "could not create the ring" in _socket_only_in_a_16k_dev_shm(procs, workdir, "--max-ring-memory", "1G")
+
+
+def test_the_default_ring_memory_cap_is_half_of_dev_shm(procs, workdir, private_dev_shm):
+    """Without --max-ring-memory the cap is half of /dev/shm (8 KiB here): the server
+    offers no ring it could not hold, and says why."""
+    logged = _socket_only_in_a_16k_dev_shm(procs, workdir)
+    assert "ring memory limit reached (0 bytes in rings, --max-ring-memory 8192)" in logged
 
 
 def test_client_that_cannot_open_the_objects_falls_back(shm_server, workdir, procs, private_dev_shm):

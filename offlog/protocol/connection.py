@@ -232,6 +232,10 @@ class _Connection:
         self.state = "ERROR"
         return ProtocolError(detail)
 
+    def _no_legacy_form(self, event: Any) -> ProtocolError:
+        name = E.key(event)
+        return ProtocolError(f"cannot send {name} in state {self.state} of the 0.x dialect, which has no form for it")
+
     def _sending(self, event: Any) -> None:
         """Move the state for ``event`` sent (a local mistake raises ProtocolError)."""
         following = self.SENDS.get(self.state, {}).get(E.key(event))
@@ -339,7 +343,7 @@ class ServerConnection(_Connection):
         """The bytes that say ``event`` to the client."""
         owed_greeting = self.state == "GREETING" and type(event) is E.Error
         if self.framed is False and type(event) not in _LEGACY_REPLIES:
-            raise ProtocolError(f"cannot send {E.key(event)} in state {self.state} of the 0.x dialect, which has no form for it")
+            raise self._no_legacy_form(event)
         self._sending(event)
         if self.framed:
             data = _server_frames(event)
@@ -398,7 +402,7 @@ class ClientConnection(_Connection):
         the socket's write side)."""
         kind = type(event)
         if self.framed is False and kind not in _LEGACY_REQUESTS:
-            raise ProtocolError(f"cannot send {E.key(event)} in state {self.state} of the 0.x dialect, which has no form for it")
+            raise self._no_legacy_form(event)
         self._sending(event)
         if kind is E.Data:
             return W.data_header(len(event.payload)) + bytes(event.payload) if self.framed else bytes(event.payload)

@@ -78,7 +78,7 @@ DATA = ord("D")  # bytes to append, written with one system call
 FLUSH = ord("F")  # u64 token: answer FLUSHED once everything before is written
 SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring and doorbell
 SHM_DECLINE = ord("N")  # utf-8 reason: the client could not use the offer
-DROPPED = ord("X")  # u64: bytes this client has dropped so far (its local queue was full)
+DROPPED = ord("X")  # u64: bytes this client has dropped so far (its backlog was full)
 STATUS = ord("Q")  # empty, instead of OPEN: ask for the server's status
 REOPEN = ord("R")  # empty, instead of OPEN: reopen every file, answer REOPENED when done
 
