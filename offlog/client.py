@@ -60,11 +60,11 @@ from .transports import (
     DEFAULT_TIMEOUT,
     WAIT_STEP,
     BacklogLimit,
-    Buffer,
     Deadline,
     ServerLost,
     ShmUnavailableError,
     Transport,
+    Writable,
     admit_all,
     open_transport,
     reported_by_server,
@@ -127,7 +127,7 @@ class ProxyFile:
         self._install(self._open_transport())
         _live.add(self)
 
-    def write(self, data: Buffer) -> None:  # type: ignore[no-redef]
+    def write(self, data: Writable) -> None:  # type: ignore[no-redef]
         """Append ``data`` (bytes, or str as UTF-8). Never blocks.
 
         What cannot be handed over now waits in the backlog, in order, and is
@@ -224,7 +224,7 @@ class ProxyFile:
         self._install(reconnecting)
         return reconnecting.write
 
-    def _write_closed(self, data: Buffer) -> None:
+    def _write_closed(self, data: Writable) -> None:
         raise ValueError("write to a closed ProxyFile")
 
     def _after_fork_in_child(self) -> None:
@@ -232,7 +232,7 @@ class ProxyFile:
             self._transport.detach(self._write_after_fork)
             self._install(_AfterFork(self))
 
-    def _write_after_fork(self, data: Buffer) -> None:
+    def _write_after_fork(self, data: Writable) -> None:
         """Where a ``write`` bound before the fork sends the child's bytes."""
         self.write(data)
 
@@ -257,7 +257,7 @@ class _Closed:
     def __init__(self, undelivered: int) -> None:
         self.backlog_bytes = undelivered
 
-    def write(self, data: Buffer) -> None:
+    def write(self, data: Writable) -> None:
         raise ValueError("write to a closed ProxyFile")
 
     def flush(self) -> None:
@@ -266,7 +266,7 @@ class _Closed:
     def close(self) -> None:
         pass
 
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
+    def detach(self, forward: Callable[[Writable], None]) -> None:
         pass
 
 
@@ -310,7 +310,7 @@ class _Reconnecting(token.Guarded):
         except RuntimeError:
             self._thread = None
 
-    def write(self, data: Buffer) -> None:
+    def write(self, data: Writable) -> None:
         self._write_slow(data)  # the server is away: no hot path to take
 
     def _wait_for_room(self, since: float) -> None:
@@ -487,7 +487,7 @@ class _Reconnecting(token.Guarded):
         else:  # a signal handler that interrupted a write of ours
             self._stopped = self._closed = True
 
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
+    def detach(self, forward: Callable[[Writable], None]) -> None:
         self._stopped = True
         self._backlog = Backlog()
         self._reentered.clear()
@@ -511,7 +511,7 @@ class _AfterFork:
         self._opener: Optional[int] = None  # the thread opening the child's connection
         self._early: Deque[bytes] = deque()  # from signal handlers that interrupted the open
 
-    def write(self, data: Buffer) -> None:
+    def write(self, data: Writable) -> None:
         proxy = self._proxy
         if self._opener == threading.get_ident():  # a signal handler re-entering our own open
             self._early.append(data.encode("utf-8") if isinstance(data, str) else bytes(data))
@@ -541,7 +541,7 @@ class _AfterFork:
     def close(self) -> None:
         pass
 
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
+    def detach(self, forward: Callable[[Writable], None]) -> None:
         pass
 
 

@@ -65,22 +65,21 @@ from collections import deque
 from typing import Any, Callable, Deque, Optional, Tuple, Union
 
 from . import protocol as P
-from .backlog import Backlog
+from .backlog import Backlog, Buffer
+from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT
 from .shm import ClientRing, unsupported_reason
 from .shm.ring import admit_all
 from .socketpath import FramedSocket, LegacySocket
 from .token import WAIT
 from .watcher import Watcher
 
-DEFAULT_SOCK_PATH = "/tmp/offlog.sock"
-#: Milliseconds, as in offlog 0.x's documentation (and unlike its code).
-DEFAULT_TIMEOUT = 5000
 #: Seconds one step of a wait sleeps in poll() before it looks again.
 WAIT_STEP = 0.0005
 _WATCH = select.POLLIN | getattr(select, "POLLRDHUP", 0)
-Buffer = Union[bytes, bytearray, memoryview, str]
+#: What write() takes: bytes-like, or str (encoded as UTF-8, as in 0.x).
+Writable = Union[Buffer, str]
 #: on_lost(unconfirmed bytes, in order) -> the write() that takes over.
-OnLost = Callable[[Backlog], Callable[[Buffer], None]]
+OnLost = Callable[[Backlog], Callable[[Writable], None]]
 
 
 class ShmUnavailableError(OSError):
@@ -515,7 +514,7 @@ class Transport:
         False, taking nothing, if this transport has handed over already."""
         return self._data.locked(self._data.take_backlog_locked, chunk)
 
-    def detach(self, forward: Callable[[Buffer], None]) -> None:
+    def detach(self, forward: Callable[[Writable], None]) -> None:
         """After fork: the parent owns the connection and the backlog; a write
         through a bound ``write`` kept from before the fork goes to ``forward``
         (the child's own connection)."""
@@ -572,7 +571,7 @@ class Transport:
     def _answer_error(self, event: P.Error) -> BaseException:
         return self._judge_locked(_remote(event.exception))
 
-    def _lost(self, unconfirmed: Backlog) -> Callable[[Buffer], None]:
+    def _lost(self, unconfirmed: Backlog) -> Callable[[Writable], None]:
         """The data path hands over: let go of the connection, give the bytes to ``on_lost``."""
         self._control.release()
         return self._control.on_lost(unconfirmed)  # type: ignore[misc]
