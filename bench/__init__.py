@@ -2,7 +2,7 @@
 
 Two entry points:
 
-* ``python -m bench [--quick]`` runs five scenarios (see :mod:`bench.scenarios`)
+* ``python -m bench [--quick]`` runs seven scenarios (see :mod:`bench.scenarios`)
   against every system in :data:`bench.worker.SYSTEMS`, prints one markdown
   table per scenario with ratios against offlog 0.3.1 and against a plain
   file, and writes raw figures (JSON) and plots (PNG) into ``bench/results/``.

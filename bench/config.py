@@ -1,6 +1,6 @@
 """How big each scenario is: the full run's defaults and the quick run's.
 
-The full run is sized for about ten minutes on a 2-core machine: runs long
+The full run is sized for about fifteen minutes on a 2-core machine: runs long
 enough (most near a second or more) and rounds enough (median of 5) that a
 scheduler hiccup does not decide a ratio. ``--quick`` runs every scenario
 small, in well under two minutes. Counts are per
@@ -36,8 +36,10 @@ class Config:
     stall_drain_rate: int = 64 * KIB
     stall_pipe_size: int = 4 * KIB  # the FIFO's buffer (F_SETPIPE_SZ; Linux default 64 KiB)
     stall_record: int = 100
+    # 4, 6, 7: the ring server's --max-ring-memory leaves room for a ring of this size for every client
+    ring_memory_per_client: int = 4 * MIB
     # 4. many clients: total records per run, spread over the clients; clients are threads in <= N processes
-    clients_counts: Tuple[int, ...] = (1, 16, 64, 256)
+    clients_counts: Tuple[int, ...] = (1, 16, 64, 256, 1024)
     clients_records: int = 512_000
     clients_processes: int = 4
     clients_rounds: int = 3
@@ -52,6 +54,22 @@ class Config:
     restart_tail_s: float = 3.0
     restart_close_timeout_ms: int = 20_000
     restart_record: int = 100
+    # 6. paced clients: each client writes paced_rate records/s for paced_seconds; clients are threads in
+    # <= paced_processes processes; the table shows the median (by server CPU) of paced_rounds runs
+    paced_counts: Tuple[int, ...] = (256, 1024)
+    paced_rate: int = 100
+    paced_seconds: float = 5.0
+    paced_processes: int = 4
+    paced_rounds: int = 3
+    paced_record: int = 100
+    # 7. idle clients: idle_clients connect, write one record, settle idle_settle_s, stay idle idle_seconds,
+    # then all close at once
+    idle_clients: int = 2000
+    idle_processes: int = 4
+    idle_seconds: float = 10.0
+    idle_settle_s: float = 1.0
+    idle_close_timeout_ms: int = 5000
+    idle_record: int = 100
 
 
 FULL = Config()
@@ -70,4 +88,10 @@ QUICK = replace(
     restart_lead_s=0.3,
     restart_stop_s=1.0,
     restart_tail_s=1.2,
+    paced_counts=(64, 256),
+    paced_seconds=2.0,
+    paced_rounds=1,
+    idle_clients=200,
+    idle_seconds=2.0,
+    idle_settle_s=0.5,
 )

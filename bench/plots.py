@@ -5,6 +5,8 @@
   tail (p99.9, p99.99) that a CDF squeezes into its top edge.
 * :func:`stall_timeline`: scenario 3's latency of every call against the time
   it was made, one panel per system, stall and slow-drain phases shaded.
+* :func:`by_clients`: a server-side figure against the number of clients,
+  one line per system (scenario 4's CPU per record, scenario 6's CPU share).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.ticker  # noqa: E402
 
 
 def latency_cdf(curves: Dict[str, Tuple[int, List[Tuple[float, int]]]], path: Path) -> Path:
@@ -33,6 +36,22 @@ def latency_cdf(curves: Dict[str, Tuple[int, List[Tuple[float, int]]]], path: Pa
     for ax in (cdf, tail):
         ax.grid(True, which="both", alpha=0.3)
     tail.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def by_clients(series: Dict[str, Sequence[Tuple[int, float]]], ylabel: str, title: str, path: Path) -> Path:
+    """``series``: label -> (clients, value) pairs; both axes logarithmic."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in series.items():
+        ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="clients", ylabel=ylabel, title=title)
+    ax.set_xticks(sorted({c for points in series.values() for c, _ in points}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

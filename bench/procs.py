@@ -11,14 +11,21 @@ two versions into one set of figures) or to the peer's directory.
 
 How it cleans up: every process is remembered and ended by pid (SIGTERM, then
 SIGKILL) when the lab closes; the temporary directory is removed. Servers are
-also the source of the server-side figures: CPU time from
-``/proc/<pid>/stat`` (all threads), memory from ``/proc/<pid>/status``.
+also the source of the server-side figures: CPU time (all threads; workers'
+too: see :class:`CpuMeter`), memory and thread count from
+``/proc/<pid>/status``, the bytes its rings take from ``/dev/shm`` and
+``/proc/<pid>/fd`` (see :meth:`Server.shared_memory`).
+
+Descriptors: opening the lab raises this process's soft RLIMIT_NOFILE to its
+hard limit, so every child inherits it: a worker holding 500 clients needs a
+few descriptors each, and the 0.3.1 server (unlike ours) does not raise its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -27,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from . import REPO
 from .worker import SYSTEMS
@@ -46,6 +53,87 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 #: Server kinds (a System.server) -> command-line flags; "peer" is the 0.3.1 release.
 SERVER_FLAGS = {"shm": ["--shm"], "socket": [], "peer": []}
+SHM_DIR = Path("/dev/shm")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of process ``pid`` so far, ever (in 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
+
+
+def thread_runtimes(pid: int) -> Dict[int, int]:
+    """Nanoseconds on a CPU of each live thread of process ``pid`` (schedstat; empty where the kernel
+    keeps none)."""
+    found = {}
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                found[int(tid)] = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended since the listing
+            pass
+    return found
+
+
+class CpuMeter:
+    """CPU time processes spend from now on, all their threads together.
+
+    ``/proc/<pid>/stat`` counts every thread, the ended ones too, but in 10 ms
+    ticks: a run that costs a server 0.1 s is read to within 20%. So the meter
+    also sums the threads' own nanosecond counts (``/proc/<pid>/task/*/schedstat``),
+    which miss only threads that ended meanwhile, and uses that sum unless a
+    thread it saw at the start has ended or the ticks exceed it by more than
+    two (a thread started and ended in between).
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._ticks = [cpu_seconds(pid) for pid in self.pids]
+        self._threads = [thread_runtimes(pid) for pid in self.pids]
+
+    def seconds(self) -> float:
+        total = 0.0
+        for pid, ticks_before, threads_before in zip(self.pids, self._ticks, self._threads):
+            ticks = cpu_seconds(pid) - ticks_before
+            threads = thread_runtimes(pid)
+            precise = sum(ns - threads_before.get(tid, 0) for tid, ns in threads.items()) / 1e9
+            ended = not threads or any(tid not in threads for tid in threads_before)
+            total += ticks if ended or ticks > precise + 2 / CLOCK_TICKS else precise
+        return total
+
+
+def status_fields(pid: int, keys: Sequence[str]) -> Dict[str, int]:
+    """The numeric fields ``keys`` of ``/proc/<pid>/status`` that it has (sizes in KiB)."""
+    found = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in keys:
+                found[key] = int(value.split()[0])
+    return found
+
+
+def shm_used_bytes() -> int:
+    """Bytes in use on the /dev/shm file system, by anyone (statvfs)."""
+    st = os.statvfs(SHM_DIR)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+#: Kinds of shared-memory file a server may hold, by the start of their path in /proc/<pid>/{fd,maps}.
+SHARED_FILES = {"shm_files": "/dev/shm/", "memfds": "/memfd:"}
+
+
+def _shared_kind(path: str) -> Optional[str]:
+    return next((kind for kind, prefix in SHARED_FILES.items() if path.startswith(prefix)), None)
+
+
+def raise_descriptor_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, for this process and the children it starts from now on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _end(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -83,22 +171,46 @@ class Server:
     def pid(self) -> int:
         return self.proc.pid
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of every thread so far."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
+    def cpu_meter(self) -> CpuMeter:
+        """The CPU time the server spends from now on."""
+        return CpuMeter([self.pid])
 
     def memory_kib(self) -> Dict[str, int]:
         """VmRSS (now) and VmHWM (peak) in KiB."""
-        wanted = {"VmRSS", "VmHWM"}
-        found = {}
-        with open(f"/proc/{self.pid}/status") as f:
+        return status_fields(self.pid, ("VmRSS", "VmHWM"))
+
+    def threads(self) -> int:
+        return status_fields(self.pid, ("Threads",))["Threads"]
+
+    def shared_memory(self) -> Dict[str, int]:
+        """What the server's rings take, counted three ways so the count survives a change of design:
+
+        * ``shm_files``: /dev/shm files (named or already unlinked) the server holds open or maps;
+        * ``memfds``: the memfds it holds open or maps;
+        * ``rss_shmem``: its RssShmem, the shared-memory pages it has mapped and touched.
+
+        Each file counts once: its allocated bytes if the server holds a descriptor of it, else the
+        size of its mapping (a ring's memory is reserved in full when it is made).
+        """
+        sizes: Dict[str, Dict[int, int]] = {kind: {} for kind in SHARED_FILES}
+        fd_dir = Path(f"/proc/{self.pid}/fd")
+        for fd in os.listdir(fd_dir):
+            try:
+                kind = _shared_kind(os.readlink(fd_dir / fd))
+                if kind:
+                    st = os.stat(fd_dir / fd)
+                    sizes[kind][st.st_ino] = st.st_blocks * 512
+            except FileNotFoundError:  # closed since the listing
+                pass
+        with open(f"/proc/{self.pid}/maps") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key in wanted:
-                    found[key] = int(value.split()[0])
-        return found
+                fields = line.split(maxsplit=5)  # range, perms, offset, device, inode, path
+                kind = _shared_kind(fields[5]) if len(fields) == 6 else None
+                if kind and int(fields[4]) not in sizes[kind]:
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    sizes[kind][int(fields[4])] = end - start
+        shmem = status_fields(self.pid, ("RssShmem",)).get("RssShmem", 0) * 1024
+        return dict({kind: sum(found.values()) for kind, found in sizes.items()}, rss_shmem=shmem)
 
     def stop(self) -> None:
         _end(self.proc)
@@ -119,9 +231,9 @@ class WorkerGroup:
             raise RuntimeError(f"worker {proc.pid} gave no answer:\n{log.read_text(errors='replace')[-3000:]}")
         return line
 
-    def ready(self) -> None:
+    def ready(self, timeout: float = START_TIMEOUT) -> None:
         for proc, log in zip(self.procs, self.logs):
-            line = self._line(proc, log, START_TIMEOUT)
+            line = self._line(proc, log, timeout)
             if line.strip() != "ready":
                 raise RuntimeError(f"worker {proc.pid} said {line!r} instead of 'ready'")
 
@@ -129,6 +241,10 @@ class WorkerGroup:
         for proc in self.procs:
             proc.stdin.write("go\n")
             proc.stdin.flush()
+
+    def cpu_meter(self) -> CpuMeter:
+        """The CPU time the workers spend from now on, together."""
+        return CpuMeter([proc.pid for proc in self.procs])
 
     def results(self, timeout: float = RUN_TIMEOUT) -> List[Dict[str, Any]]:
         """Each worker's result line; a worker silent for ``timeout`` seconds is ended (RuntimeError)."""
@@ -163,6 +279,7 @@ class Lab:
         self._peer: Optional[str] = None
         self.src = self.dir / "src"  # PYTHONPATH of our servers and workers
         shutil.copytree(offlog, self.src / "offlog", ignore=shutil.ignore_patterns("__pycache__"))
+        raise_descriptor_limit()
 
     def __enter__(self) -> "Lab":
         return self
@@ -190,12 +307,12 @@ class Lab:
         self._procs.append(proc)
         return proc
 
-    def start_server(self, kind: str, sock: Optional[str] = None) -> Server:
+    def start_server(self, kind: str, sock: Optional[str] = None, flags: Sequence[str] = ()) -> Server:
         """A new server of ``kind`` ("shm", "socket" or "peer") on its own socket, or on ``sock``
-        (the socket of a server that died: its successor)."""
+        (the socket of a server that died: its successor); ``flags``: more command-line flags."""
         sock = sock or str(self.path(f"{kind}.sock"))
         log = self.path(f"{kind}-server.log")
-        argv = [sys.executable, "-m", "offlog", "-s", sock, *SERVER_FLAGS[kind]]
+        argv = [sys.executable, "-m", "offlog", "-s", sock, *SERVER_FLAGS[kind], *flags]
         proc = self._spawn(argv, self.pythonpath(kind), log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while not socket_answers(sock):
@@ -210,8 +327,11 @@ class Lab:
             self._servers[kind] = self.start_server(kind)
         return self._servers[kind]
 
-    def workers(self, system: str, params: List[Dict[str, Any]], server: Optional[Server]) -> WorkerGroup:
-        """One worker per entry of ``params`` (its ``system`` and ``sock`` filled in); waits until all are ready."""
+    def workers(
+        self, system: str, params: List[Dict[str, Any]], server: Optional[Server], timeout: float = START_TIMEOUT
+    ) -> WorkerGroup:
+        """One worker per entry of ``params`` (its ``system`` and ``sock`` filled in); waits until all are
+        ready, each at most ``timeout`` seconds."""
         kind = SYSTEMS[system].server
         procs, logs = [], []
         for p in params:
@@ -223,7 +343,7 @@ class Lab:
             )
             logs.append(log)
         group = WorkerGroup(procs, logs)
-        group.ready()
+        group.ready(timeout)
         return group
 
     def measure(
@@ -238,12 +358,12 @@ class Lab:
         if kind is not None and server is None:
             server = self.server(kind)
         group = self.workers(system, params, server)
-        cpu_before = server.cpu_seconds() if server else 0.0
+        meter = server.cpu_meter() if server else None
         if before_go is not None:
             before_go()
         group.go()
         results = group.results()
-        cpu = server.cpu_seconds() - cpu_before if server else None
+        cpu = meter.seconds() if meter else None
         memory = server.memory_kib() if server else {}
         group.exit()
         for result in results:

@@ -10,7 +10,11 @@ no such barrier, ``QueueListener.stop()`` for the stdlib queue; plain files and
 while the parent kills or stops the server (the ``outage`` mode: numbered
 records, busy-paced; a call that raises ends the loop and is reported; the
 bytes the client held locally at peak and the process's peak RSS come back
-with the results).
+with the results), or how many records many slow clients got out on time
+(the ``paced`` mode: a thread per sink, each on its own schedule of a record
+every ``period_ns``, and how late each call started), or how long each of
+many clients that sat idle takes to close (the ``idle`` mode: every sink
+closed at once, one thread each, every close() timed).
 
 How: this module is self-contained (the standard library plus whichever
 ``offlog`` PYTHONPATH points at: this repository's or the 0.3.1 release's),
@@ -372,7 +376,92 @@ def run_outage(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -
     }
 
 
-MODES = {"timed": run_timed, "bulk": run_bulk, "outage": run_outage}
+def paced_calls(
+    call: Callable[..., Any], args: Sequence[Any], origin_ns: int, period_ns: int, end_ns: int
+) -> Tuple[int, array]:
+    """A call at ``origin_ns + k * period_ns`` for every such slot before ``end_ns`` (sleeping between
+    slots). A call whose slot has passed goes at once (caught up on), unless it would start a period or
+    more after ``end_ns``: then it and the rest are not made (a client that far behind fell behind; one
+    that woke a little late for its last slot did not). Return the slots and how late each call made
+    started (ns)."""
+    clock = time.perf_counter_ns
+    slots = max(0, -(-(end_ns - origin_ns) // period_ns))
+    lateness = array("q", bytes(8 * slots))
+    slot, made = origin_ns, 0
+    while slot < end_ns:
+        now = clock()
+        if now < slot:
+            time.sleep((slot - now) / 1e9)
+            now = clock()
+        if now >= end_ns + period_ns:
+            break
+        call(*args)
+        lateness[made] = now - slot
+        made += 1
+        slot += period_ns
+    return slots, lateness[:made]
+
+
+def run_paced(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -> Dict[str, Any]:
+    """One thread per sink, each making a call every ``period_ns`` for ``duration_ns`` from ``go``
+    (:func:`paced_calls`; sink i's schedule is offset by ``phase_ns[i]``, so the clients' calls spread
+    over the period instead of coming at once), then syncing its sink. Every call's lateness is saved
+    under ``out``; per sink: the calls made and the calls intended."""
+    period_ns, duration_ns, phases = params["period_ns"], params["duration_ns"], params["phase_ns"]
+    go = threading.Event()
+    made: List[int] = [0] * len(sinks)
+    intended: List[int] = [0] * len(sinks)
+    lateness: List[array] = [array("q")] * len(sinks)
+    origin: List[int] = []
+
+    def client(i: int) -> None:
+        go.wait()
+        intended[i], lateness[i] = paced_calls(
+            sinks[i].call, args, origin[0] + phases[i], period_ns, origin[0] + duration_ns
+        )
+        made[i] = len(lateness[i])
+        sinks[i].sync()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(sinks))]
+    for t in threads:
+        t.start()
+    origin.append(time.perf_counter_ns())
+    go.set()
+    for t in threads:
+        t.join()
+    with open(params["out"] + ".late", "wb") as f:
+        for late in lateness:
+            late.tofile(f)
+    return {"calls": made, "intended": intended}
+
+
+def run_idle(sinks: List[Sink], args: Sequence[Any], params: Dict[str, Any]) -> Dict[str, Any]:
+    """The sinks sat idle from ``ready`` until ``go``; now every one is closed at once, each in its own
+    thread, and timed. Per sink: close() in ns and "ok" or what it raised."""
+    go = threading.Event()
+    close_ns: List[int] = [0] * len(sinks)
+    outcomes: List[str] = ["not run"] * len(sinks)
+
+    def closer(i: int) -> None:
+        go.wait()
+        t0 = time.perf_counter_ns()
+        try:
+            sinks[i].close()
+            outcomes[i] = "ok"
+        except Exception as exc:
+            outcomes[i] = _outcome(exc)
+        close_ns[i] = time.perf_counter_ns() - t0
+
+    threads = [threading.Thread(target=closer, args=(i,)) for i in range(len(sinks))]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join()
+    return {"calls": [0] * len(sinks), "close_ns": close_ns, "close": outcomes}
+
+
+MODES = {"timed": run_timed, "bulk": run_bulk, "outage": run_outage, "paced": run_paced, "idle": run_idle}
 
 
 def _offlog_identity() -> Optional[Dict[str, str]]:

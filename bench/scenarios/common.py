@@ -6,8 +6,9 @@ import os
 import time
 from array import array
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, TypeVar
 
+from ..config import Config
 from ..procs import Measured
 
 T = TypeVar("T")
@@ -23,6 +24,22 @@ def rotated(items: Sequence[T], by: int) -> List[T]:
     """``items`` starting at position ``by``: each round starts with another system."""
     k = by % len(items) if items else 0
     return list(items[k:]) + list(items[:k])
+
+
+def split(items: Sequence[T], parts: int) -> List[List[T]]:
+    """``items`` in ``parts`` runs of nearly equal length (every ``parts``-th item)."""
+    return [list(items[i::parts]) for i in range(parts)]
+
+
+def transports_text(counts: Dict[str, int]) -> str:
+    """How many clients got which transport: ``{"shm": 256, "socket": 768}`` as ``256 shm + 768 socket``."""
+    return " + ".join(f"{n:,} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def ring_room(kind: Optional[str], clients: int, cfg: Config) -> List[str]:
+    """Flags for a server of ``kind`` that let every one of ``clients`` have a ring (the default
+    --max-ring-memory, 1 GiB, holds 256 rings of 4 MiB; a ring client past it would get the socket)."""
+    return ["--max-ring-memory", str(clients * cfg.ring_memory_per_client)] if kind == "shm" else []
 
 
 def read_ns(path: str) -> array:

@@ -10,8 +10,8 @@ client's start to the last client's sync point returning (offlog
 ``close()``, which returns once its server said BYE; plain files flush every
 record). Afterwards every file must have exactly the bytes written. A run
 writes ``min(max records, max bytes / size)`` records, split over the
-clients. Server CPU is utime + stime of all its threads from
-``/proc/<pid>/stat`` between ``go`` and the last result (10 ms ticks). Runs are
+clients. Server CPU is that of all its threads between ``go`` and the last
+result (:class:`bench.procs.CpuMeter`). Runs are
 repeated ``cfg.throughput_rounds`` times, systems interleaved; the table
 shows the median run.
 """
