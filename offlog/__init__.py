@@ -20,6 +20,7 @@ _HOMES = {
     "ProxyFile": "client",
     "FileProxy": "client",
     "ShmUnavailableError": "client",
+    "UntrustedServerError": "client",
     "DEFAULT_SOCK_PATH": "client",
     "DEFAULT_TIMEOUT": "client",
     "Logger": "logger",
@@ -37,6 +38,7 @@ __all__ = [
     "Logger",
     "OfflogHandler",
     "ShmUnavailableError",
+    "UntrustedServerError",
     "DEBUG",
     "INFO",
     "WARNING",
@@ -47,7 +49,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, FileProxy, ProxyFile, ShmUnavailableError
+    from .client import (
+        DEFAULT_SOCK_PATH,
+        DEFAULT_TIMEOUT,
+        FileProxy,
+        ProxyFile,
+        ShmUnavailableError,
+        UntrustedServerError,
+    )
     from .handler import OfflogHandler
     from .logger import Logger
     from .loglines import CRITICAL, DEBUG, ERROR, INFO, WARNING

@@ -7,6 +7,7 @@ import argparse
 import grp
 import json
 import os
+import pwd
 import sys
 from typing import List, NoReturn, Optional
 
@@ -14,6 +15,7 @@ from . import __version__
 from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, REOPEN_TIMEOUT
 from .loglines import DEBUG, INFO, WARNING, LineLogger
 from .shm import layout
+from .trust import UntrustedServerError
 
 
 def size(text: str) -> int:
@@ -66,6 +68,16 @@ def file_mode(text: str) -> int:
     return mode
 
 
+def user_id(text: str) -> int:
+    """A uid: a number, or the name of a user on this host."""
+    if text.isascii() and text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no user named {text!r} on this host") from None
+
+
 def group(text: str) -> str:
     """A group name that exists on this host, or a numeric group id."""
     if not text.isdigit():
@@ -87,8 +99,9 @@ def server_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m offlog",
         description="offlog file-append service",
-        epilog="'python -m offlog status [-s SOCKET_FILE] [--json] [--timeout MS]' reports on a running server;"
-        " 'python -m offlog reopen [-s SOCKET_FILE] [--timeout MS]' has it reopen every file.",
+        epilog="'python -m offlog status [-s SOCKET_FILE] [--json] [--timeout MS] [--server-uid UID]' reports on"
+        " a running server; 'python -m offlog reopen [-s SOCKET_FILE] [--timeout MS] [--server-uid UID]' has it"
+        " reopen every file.",
     )
     p.add_argument(
         "-n", "--notify", action="store_true", help="Notify systemd when the server has started up and is listening."
@@ -143,7 +156,25 @@ def status_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=int, default=DEFAULT_TIMEOUT, metavar="MS", help="Milliseconds to wait for the server."
     )
+    _server_uid_option(p)
     return p
+
+
+def _server_uid_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server-uid",
+        type=user_id,
+        action="append",
+        metavar="UID",
+        help="Also trust a server running as this user (a uid or a user name; may be repeated). "
+        "Without it, only a server running as your own user or root is asked.",
+    )
+
+
+def _refused(command: str, exc: UntrustedServerError) -> str:
+    """The one line for a server the command would not talk to, with the option that allows it."""
+    advice = "" if exc.uid is None else f"; if you trust it, pass --server-uid {exc.uid}"
+    return f"offlog {command}: {exc.refusal}{advice}"
 
 
 def _bytes(n: int) -> str:
@@ -201,7 +232,10 @@ def status_main(argv: List[str]) -> int:
 
     args = status_parser().parse_args(argv)
     try:
-        status = server_status(args.socket_file, args.timeout)
+        status = server_status(args.socket_file, args.timeout, server_uid=args.server_uid)
+    except UntrustedServerError as exc:
+        print(_refused("status", exc), file=sys.stderr)
+        return 1
     except (OSError, ValueError) as exc:
         print(f"offlog status: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1
@@ -222,6 +256,7 @@ def reopen_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=int, default=REOPEN_TIMEOUT, metavar="MS", help="Milliseconds to wait for the server."
     )
+    _server_uid_option(p)
     return p
 
 
@@ -231,7 +266,10 @@ def reopen_main(argv: List[str]) -> int:
 
     args = reopen_parser().parse_args(argv)
     try:
-        result = request_reopen(args.socket_file, args.timeout)
+        result = request_reopen(args.socket_file, args.timeout, server_uid=args.server_uid)
+    except UntrustedServerError as exc:
+        print(_refused("reopen", exc), file=sys.stderr)
+        return 1
     except (OSError, ValueError, EOFError) as exc:
         print(f"offlog reopen: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1

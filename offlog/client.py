@@ -21,6 +21,14 @@ transports:
   it and before confirming it. Errors about the file itself (permission,
   ENOSPC, ...) are raised as always; only a lost server is retried.
   ``reconnect=False`` raises instead, as offlog 0.x does.
+* **Whose server.** Every connection (the first, each reconnect) is kept
+  only if the server runs as this process's user, root, or a uid allowed by
+  ``server_uid=`` (:mod:`offlog.trust`). The first open raises
+  :class:`~offlog.trust.UntrustedServerError`; a reconnect treats such a
+  server like a missing one: it keeps the bytes and tries again, so a
+  process that took the socket path while the real server restarted gets
+  nothing, and the real server gets everything once it is back. A close()
+  that times out meanwhile says what the last try met.
 * **Fork.** The child's ProxyFiles drop their transport (the parent still
   owns the ring, the socket and the backlog). The child's first write opens
   its own connection there and then: one connect and handshake, a few
@@ -71,8 +79,17 @@ from .transports import (
     server_lost,
     server_status,
 )
+from .trust import ServerUid, UntrustedServerError, allowed_uids
 
-__all__ = ["ProxyFile", "FileProxy", "ShmUnavailableError", "server_status", "DEFAULT_SOCK_PATH", "DEFAULT_TIMEOUT"]
+__all__ = [
+    "ProxyFile",
+    "FileProxy",
+    "ShmUnavailableError",
+    "UntrustedServerError",
+    "server_status",
+    "DEFAULT_SOCK_PATH",
+    "DEFAULT_TIMEOUT",
+]
 
 #: Seconds between reconnection attempts: the first at once, then doubling up to 1 s.
 RETRY_FIRST = 0.05
@@ -101,6 +118,11 @@ class ProxyFile:
 
     ``reconnect=True`` rides out server restarts (see the module docstring);
     ``reconnect=False`` raises when the server is lost.
+
+    The server must run as this process's effective uid or as root; a uid
+    (int), or a collection of uids, in ``server_uid`` is allowed too. Any other
+    server gets not a byte: :class:`~offlog.trust.UntrustedServerError` (a
+    PermissionError) at the open, or, for a reconnect, more tries.
     """
 
     def __init__(
@@ -114,7 +136,9 @@ class ProxyFile:
         max_queue: Optional[int] = None,
         on_full: str = "drop",
         reconnect: bool = True,
+        server_uid: ServerUid = None,
     ) -> None:
+        self._server_uid = allowed_uids(server_uid)
         self.filepath = os.path.abspath(os.fsdecode(filepath))
         self.sock_path = sock_path
         self.timeout = timeout
@@ -204,7 +228,9 @@ class ProxyFile:
 
     # -- transports -------------------------------------------------------------
     def _open_transport(self) -> Transport:
-        transport = open_transport(self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit)
+        transport = open_transport(
+            self.filepath, self.sock_path, self.timeout, self._shm, self._fsync, self._limit, self._server_uid
+        )
         if self.reconnect:
             transport.on_lost = self._server_lost
         return transport
@@ -286,6 +312,7 @@ class _Reconnecting(token.Guarded):
         self._replacement: Optional[Transport] = None
         self._returned: Optional[Backlog] = None  # what a transport lost during the hand-over gave back
         self._error: Optional[BaseException] = None
+        self._last_try: Optional[BaseException] = None  # what the last failed reconnect met
         self._done = threading.Event()
         self._stopped = False
         self._closed = False
@@ -377,11 +404,13 @@ class _Reconnecting(token.Guarded):
                     self._proxy._shm,
                     self._proxy._fsync,
                     self._limit,
+                    self._proxy._server_uid,
                 )
             except Exception as exc:
                 if reported_by_server(exc) and not server_lost(exc):
                     self._fail(exc)  # the file itself: permission, a directory, ...
                     return
+                self._last_try = exc  # no server, or one not trusted: try again
                 continue
             transport.on_lost = self._lost_in_hand_over
             if self._hand_over(transport):
@@ -456,9 +485,11 @@ class _Reconnecting(token.Guarded):
         if self._thread is None and not self._done.is_set():  # no thread to be had: reconnect here
             self._run(Deadline(timeout_ms))
         if not self._done.wait(None if timeout_ms is None else timeout_ms / 1000.0):
+            last = self._last_try
             raise TimeoutError(
                 f"the offlog server at {self._proxy.sock_path} did not come back in time: "
                 f"{self.backlog_bytes} bytes not delivered"
+                + ("" if last is None else f" (the last try: {P.exception_text(last)})")
             )
         if self._error is not None:
             raise self._error.with_traceback(None)

@@ -21,15 +21,20 @@ from typing import Optional
 from . import protocol as P
 from .defaults import DEFAULT_SOCK_PATH, REOPEN_TIMEOUT
 from .transports import request
+from .trust import ServerUid, allowed_uids
 
 
-def request_reopen(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = REOPEN_TIMEOUT) -> dict:
+def request_reopen(
+    sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = REOPEN_TIMEOUT, *, server_uid: ServerUid = None
+) -> dict:
     """Ask the server at ``sock_path`` to reopen every file; return once it has.
 
     Returns the REOPENED document, ``{"reopened": [path, ...], "failed":
     [{"path": ..., "error": "<ExceptionClass>: <message>"}, ...]}``. Raises
     the server's error if it sent one, ``TimeoutError`` after ``timeout``
     milliseconds (None: no limit), :class:`~offlog.protocol.ProtocolError`
-    if the server does not take control requests (offlog 0.x).
+    if the server does not take control requests (offlog 0.x), and
+    :class:`~offlog.trust.UntrustedServerError` if the server runs as another
+    user than this process's, root or ``server_uid`` (as for a ProxyFile).
     """
-    return request(sock_path, P.ReopenRequest(), timeout).document
+    return request(sock_path, P.ReopenRequest(), timeout, allowed_uids(server_uid)).document

@@ -32,7 +32,7 @@ class OfflogHandler(logging.Handler):
     """Append formatted records to ``filepath`` through the offlog server at ``sock_path``.
 
     ``timeout`` is in milliseconds, as for :class:`~offlog.client.ProxyFile`;
-    ``proxy_options`` (``shm=``, ``fsync=``) are passed on to it. The server
+    ``proxy_options`` (``shm=``, ``fsync=``, ``server_uid=``, ...) are passed on to it. The server
     is connected to here, so a missing server or an unwritable file raises now
     (from :func:`logging.config.dictConfig`: as its ``ValueError``).
     """

@@ -15,12 +15,16 @@ from typing import Optional
 
 from .client import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, ProxyFile
 from .loglines import CRITICAL, DEBUG, ERROR, INFO, WARNING, LineLogger
+from .trust import ServerUid
 
 __all__ = ["Logger", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class Logger(LineLogger):
-    """Log to a file (through an offlog server by default), stdout and stderr."""
+    """Log to a file (through an offlog server by default), stdout and stderr.
+
+    ``offlog_socket_path``, ``offlog_timeout`` and ``offlog_server_uid`` are the
+    ProxyFile's ``sock_path``, ``timeout`` and ``server_uid``."""
 
     def __init__(
         self,
@@ -32,13 +36,14 @@ class Logger(LineLogger):
         local_file: bool = False,
         offlog_socket_path: str = DEFAULT_SOCK_PATH,
         offlog_timeout: int = DEFAULT_TIMEOUT,
+        offlog_server_uid: ServerUid = None,
     ) -> None:
         file = None
         if filepath is not None and file_level is not None:
             if local_file:
                 file = open(filepath, "ab", buffering=0)
             else:
-                file = ProxyFile(filepath, offlog_socket_path, offlog_timeout)
+                file = ProxyFile(filepath, offlog_socket_path, offlog_timeout, server_uid=offlog_server_uid)
         super().__init__(name, file, file_level, stdout_level, stderr_level)
 
     def sync(self, timeout: Optional[float] = None) -> None:

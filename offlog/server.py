@@ -49,7 +49,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 import threading
 import time
@@ -62,6 +61,7 @@ from .defaults import HANDSHAKE_TIMEOUT
 from .files import FileTable, OpenFile
 from .loglines import LineLogger
 from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
+from .trust import describe_uid, peer_credentials
 from .watcher import Watcher
 
 #: Ring memory (data bytes of all rings) at most, unless --max-ring-memory says otherwise:
@@ -294,6 +294,8 @@ class Server:
 
 
 def _claim_socket_path(path: str) -> None:
+    """Make ``path`` free to bind: remove a stale socket file; raise if the path is
+    not a socket, or if a live server answers there (naming its user and pid)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -302,28 +304,20 @@ def _claim_socket_path(path: str) -> None:
         raise FileExistsError("the path exists and is not a socket; not replacing it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
+    who = ""
     try:
         probe.connect(path)
+        pid, uid = peer_credentials(probe)
+        if uid is not None:
+            who = f" ({describe_uid(uid)}, pid {'unknown' if pid is None else pid})"
     except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)  # stale: nobody listens
         return
     except socket.timeout:
-        pass  # a live server with a full backlog
+        pass  # a live server with a full backlog: who it is stays unknown
     finally:
         probe.close()
-    raise RuntimeError("another offlog server is already listening there; stop it first or choose another -s")
-
-
-def peer_credentials(sock: socket.socket) -> Tuple[Optional[int], Optional[int]]:
-    """(pid, uid) of the process at the other end, where the OS tells (SO_PEERCRED)."""
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if so_peercred is None:
-        return None, None
-    try:
-        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, so_peercred, 12))
-    except OSError:
-        return None, None
-    return pid, uid
+    raise RuntimeError(f"another offlog server is already listening there{who}; stop it first or choose another -s")
 
 
 def _group_id(group: str) -> int:

@@ -49,6 +49,11 @@ process-wide :class:`_Hangups` thread waits for ``EPOLLRDHUP`` on the control
 sockets of all rings and interrupts the producer, whose next write takes the
 slow path and looks at the socket. The thread holds producers weakly: an
 unclosed ProxyFile is still garbage-collected.
+
+Every connection starts in :func:`connect`, which keeps it only if the server
+runs as a user the client trusts (:mod:`offlog.trust`): the open, the 0.x
+fallback, every reconnect and the control requests. A refused server gets
+not a byte.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ from .shm import ClientRing, unsupported_reason
 from .shm.ring import admit_all
 from .socketpath import FramedSocket, LegacySocket
 from .token import WAIT
+from .trust import Allowed, ServerUid, allowed_uids, check_server
 from .watcher import Watcher
 
 #: Seconds one step of a wait sleeps in poll() before it looks again.
@@ -759,11 +765,13 @@ def open_transport(
     shm: Optional[bool],
     fsync: bool,
     limit: Optional[BacklogLimit] = None,
+    server_uid: Allowed = frozenset(),
 ) -> Transport:
-    """Connect, handshake, negotiate a ring; return the transport to use."""
+    """Connect (to a server of a trusted user: see :func:`connect`), handshake,
+    negotiate a ring; return the transport to use."""
     deadline = Deadline(timeout_ms)
     flags = _open_flags(shm, fsync)
-    channel = _Channel(connect(sock_path, deadline))
+    channel = _Channel(connect(sock_path, deadline, server_uid))
     try:
         try:
             channel.sock.sendall(channel.say(P.Open(path, flags)))
@@ -773,7 +781,7 @@ def open_transport(
             channel.sock.close()
             if shm:
                 raise ShmUnavailableError("shm=True but the server is offlog 0.x (socket only)")
-            return _open_legacy(path, sock_path, deadline, timeout_ms, limit)
+            return _open_legacy(path, sock_path, deadline, timeout_ms, limit, server_uid)
         opened = channel.answer(deadline)
         if channel.conn.state == "SOCKET":
             if shm:
@@ -817,11 +825,11 @@ def _take_offer(
     return transport
 
 
-def request(sock_path: str, event: Any, timeout: Optional[float]) -> Any:
+def request(sock_path: str, event: Any, timeout: Optional[float], server_uid: Allowed = frozenset()) -> Any:
     """Send a control request (STATUS or REOPEN instead of OPEN) and return the
     server's answer event; its ERROR is raised."""
     deadline = Deadline(timeout)
-    channel = _Channel(connect(sock_path, deadline))
+    channel = _Channel(connect(sock_path, deadline, server_uid))
     try:
         channel.sock.sendall(channel.say(event))
         if type(channel.answer(deadline)) is P.NotFramed:
@@ -831,15 +839,23 @@ def request(sock_path: str, event: Any, timeout: Optional[float]) -> Any:
         channel.sock.close()
 
 
-def server_status(sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = DEFAULT_TIMEOUT) -> dict:
-    """Ask a running server for its status (what ``python -m offlog status`` prints)."""
-    return request(sock_path, P.StatusRequest(), timeout).document
+def server_status(
+    sock_path: str = DEFAULT_SOCK_PATH, timeout: Optional[float] = DEFAULT_TIMEOUT, *, server_uid: ServerUid = None
+) -> dict:
+    """Ask a running server for its status (what ``python -m offlog status`` prints).
+    ``server_uid`` as for :class:`~offlog.client.ProxyFile`."""
+    return request(sock_path, P.StatusRequest(), timeout, allowed_uids(server_uid)).document
 
 
 def _open_legacy(
-    path: str, sock_path: str, deadline: Deadline, timeout_ms: Optional[float], limit: Optional[BacklogLimit]
+    path: str,
+    sock_path: str,
+    deadline: Deadline,
+    timeout_ms: Optional[float],
+    limit: Optional[BacklogLimit],
+    server_uid: Allowed,
 ) -> Transport:
-    channel = _Channel(connect(sock_path, deadline))
+    channel = _Channel(connect(sock_path, deadline, server_uid))
     try:
         channel.sock.sendall(channel.say(P.OpenPath(path)))
         channel.answer(deadline)  # OK, or the server's error raised
@@ -849,9 +865,12 @@ def _open_legacy(
         raise
 
 
-def connect(sock_path: str, deadline: Deadline) -> socket.socket:
-    """Connect to the server's socket. A full listen backlog (EAGAIN) is waited
-    out until the deadline; a missing or dead server is said in words."""
+def connect(sock_path: str, deadline: Deadline, server_uid: Allowed = frozenset()) -> socket.socket:
+    """Connect to the server's socket, and keep the connection only if the server
+    runs as this process's user, root, or a uid in ``server_uid``
+    (:func:`offlog.trust.check_server`: an UntrustedServerError, nothing sent).
+    A full listen backlog (EAGAIN) is waited out until the deadline; a missing or
+    dead server is said in words."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -859,6 +878,7 @@ def connect(sock_path: str, deadline: Deadline) -> socket.socket:
         while True:
             try:
                 sock.connect(sock_path)
+                check_server(sock, sock_path, server_uid)
                 return sock
             except (BlockingIOError, InterruptedError):
                 pass  # the server's listen backlog is full: it is busy, not lost
