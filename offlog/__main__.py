@@ -13,7 +13,7 @@ from typing import List, NoReturn, Optional
 
 from . import __version__
 from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, REOPEN_TIMEOUT
-from .loglines import DEBUG, INFO, WARNING, LineLogger
+from .loglines import DEBUG, INFO, WARNING, LineLogger, LineSink
 from .shm import layout
 from .trust import UntrustedServerError
 
@@ -288,6 +288,42 @@ def _unwritable(path: str, exc: OSError) -> str:
     return f"cannot open {path}: {exc.strerror or exc}"
 
 
+def standard_descriptors() -> None:
+    """Make sure descriptors 0, 1 and 2 are open (on /dev/null where they are
+    not): a server started with one closed would otherwise get a client's file
+    or socket there, and write its own log lines into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+
+
+def server_log(logfile: Optional[str]) -> LineLogger:
+    """The server's own log: INFO to stdout, WARNING and up to stderr, every
+    line to ``logfile``. Each goes through a :class:`LineSink` (stdout and
+    stderr share one, so they keep their order when they go to one place):
+    logging never waits for an output (a stdout nobody reads, a full disk) and
+    never fails with one; trouble with an output is said on the others."""
+    log: LineLogger
+
+    def trouble(text: str) -> None:
+        log.warning(text)
+
+    console = LineSink("offlog", on_trouble=trouble)
+    file = None
+    if logfile:
+        fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        file = LineSink("offlog", on_trouble=trouble).output(fd, logfile, close_fd=True)
+    log = LineLogger(
+        "offlog", file, DEBUG, INFO, WARNING, stdout=console.output(1, "stdout"), stderr=console.output(2, "stderr")
+    )
+    return log
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
@@ -298,14 +334,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     from .server import main_server
 
+    standard_descriptors()
     try:
-        log = LineLogger(
-            "offlog",
-            open(args.logfile, "ab", buffering=0) if args.logfile else None,
-            file_level=DEBUG,
-            stdout_level=INFO,
-            stderr_level=WARNING,
-        )
+        log = server_log(args.logfile)
     except OSError as exc:
         parser.error(f"argument -l/--logfile: {_unwritable(args.logfile, exc)}")
     try:

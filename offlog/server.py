@@ -49,7 +49,6 @@ import selectors
 import signal
 import socket
 import stat
-import sys
 import threading
 import time
 from collections import deque
@@ -352,8 +351,8 @@ class Session:
     def run(self) -> None:
         server = self.server
         who = f" (pid {self.pid}, uid {self.uid})" if self.pid is not None else ""
-        server.info(f"Client {self.id} connected{who}")
         try:
+            server.info(f"Client {self.id} connected{who}")
             self._handshake()
             if self.ring is not None:
                 self._serve_ring()
@@ -681,16 +680,18 @@ class Session:
                 self.server.release_ring()
 
     def _close(self) -> None:
+        """Give back what the session holds (socket, ring, file), then say so."""
         server = self.server
         try:
             self.sock.close()
             self._close_ring()
+            last = self.file is not None and server.files.release(self.file)
             if self.dropped:
                 server.warn(f"Client {self.id} dropped {self.dropped} bytes (its backlog was full)")
                 server.dropped_closed += self.dropped
             if self.file is not None:
                 server.info(f"Client {self.id} closed {self.file.path}")
-                if server.files.release(self.file):
+                if last:
                     server.info(f"Closed {self.file.path}")
             server.info(f"Client {self.id} disconnected")
         finally:
@@ -793,5 +794,4 @@ def main_server(args, log: LineLogger) -> int:
     if args.notify and not notify_systemd():
         log.warning("--notify given but NOTIFY_SOCKET is not set")
     server.serve_forever()
-    sys.stdout.flush()
     return 0

@@ -1,0 +1,153 @@
+"""Limits of the host never stop the server: its own log stalled, full or gone."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from typing import List
+
+import pytest
+from support import REPO, child_env, socket_answers, wait_for
+
+import offlog
+from offlog.loglines import REPEATS_WRITTEN, LineSink
+
+
+# -- helpers ----------------------------------------------------------------------------
+def open_fds(pid: int) -> List[int]:
+    return sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- the server's own log: stalled, full, gone ---------------------------------------------------
+def test_a_server_whose_stdout_and_stderr_nobody_reads_serves_every_client(procs, workdir):
+    """Its log lines fill the pipes (a 64 KiB buffer each) long before the last client:
+    logging never waits for them, so no handshake does (before: every new handshake
+    froze after about 130 connections). The -l file has every line; SIGTERM still
+    stops the server."""
+    sock, logfile = str(workdir / "offlog.sock"), workdir / "server.log"
+    server = procs.start(
+        [sys.executable, "-m", "offlog", "-s", sock, "-l", str(logfile)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(REPO),
+        env=child_env(),
+    )
+    wait_for(lambda: socket_answers(sock) or server.poll() is not None, what="server socket")
+    clients = 600
+    for i in range(clients):
+        with offlog.ProxyFile(str(workdir / "app.log"), sock, shm=False, timeout=60_000) as f:
+            f.write(b"%d\n" % i)
+    assert (workdir / "app.log").read_bytes() == b"".join(b"%d\n" % i for i in range(clients))
+    log = logfile.read_bytes()
+    assert len(log) > 2 * 64 * 1024, "the test should have logged more than the pipe holds"
+    assert f"Client {clients - 1} disconnected".encode() in log
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+
+
+@pytest.mark.parametrize("sink", ["dev-full", "fifo-nobody-reads"])
+def test_a_server_whose_log_file_is_full_or_stalled_serves_clients_and_leaks_nothing(start_server, workdir, sink):
+    """-l on a device that is always full (every write ENOSPC), or on a FIFO whose
+    reader never reads: clients are served, and each leaves no descriptor behind
+    (before: /dev/full killed the server at its first line; a disk that filled up
+    timed clients out and leaked a descriptor per attempt)."""
+    reader = -1
+    if sink == "dev-full":
+        logfile = "/dev/full"
+    else:
+        logfile = str(workdir / "server.fifo")
+        os.mkfifo(logfile)
+        reader = os.open(logfile, os.O_RDONLY | os.O_NONBLOCK)  # there, never read
+    try:
+        server = start_server("-l", logfile)
+        path = str(workdir / "app.log")
+        with offlog.ProxyFile(path, server.sock, shm=False) as f:
+            f.write(b"warm-up\n")
+        server.wait_log("Client 0 disconnected")
+        baseline = open_fds(server.pid)
+        for i in range(300):
+            with offlog.ProxyFile(path, server.sock, shm=False, timeout=60_000) as f:
+                f.write(b"%d\n" % i)
+        server.wait_log("Client 300 disconnected")
+        wait_for(lambda: open_fds(server.pid) == baseline, what="the server's descriptors back to the baseline")
+        assert (workdir / "app.log").read_bytes() == b"warm-up\n" + b"".join(b"%d\n" % i for i in range(300))
+        if sink == "dev-full":
+            assert "Cannot write the log to /dev/full: [Errno 28] No space left on device" in server.output()
+        assert server.stop() == 0
+    finally:
+        if reader >= 0:
+            os.close(reader)
+
+
+def test_a_line_sink_never_blocks_counts_what_it_loses_and_says_so_later():
+    """A sink on a pipe nobody reads takes every line at once; what does not fit its
+    queue is counted, and once the pipe is read the next line says how many were lost."""
+    r, w = os.pipe()
+    sink = LineSink("test", max_bytes=4096)
+    output = sink.output(w, "the pipe")
+    line = b"[2026-01-01 00:00:00.000 test INFO] " + b"x" * 100 + b"\n"
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(2000):  # 274 KB: four times the pipe, sixty times the queue
+            output.write(line.replace(b"x" * 10, b"%010d" % i, 1))
+        done.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert done.wait(60), "writing to a sink waited for its output"
+    assert sink.lost > 0
+    received = b""
+    while b"log lines lost" not in received:
+        output.write(line)
+        received += os.read(r, 1 << 20)
+    sink.close()
+    os.close(r)
+    os.close(w)
+    assert re.search(rb"test WARNING\] (\d+) log lines lost: the pipe is not taking lines", received)
+
+
+@pytest.mark.parametrize("trouble", ["EPIPE", "EBADF"])
+def test_a_line_sink_survives_an_output_that_fails_and_tells_the_others(trouble):
+    """Writes failing with EPIPE (the reader left) or EBADF (descriptor closed) cost
+    the caller nothing and raise nothing; the trouble is reported once, to the callback
+    that writes to another output, and the lines are counted."""
+    if trouble == "EPIPE":
+        r, w = os.pipe()
+        os.close(r)
+    else:
+        w = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1  # a number nothing here opens
+        with pytest.raises(OSError):
+            os.fstat(w)
+    told: List[str] = []
+    sink = LineSink("test", on_trouble=told.append)
+    output = sink.output(w, "the pipe")
+    for i in range(100):
+        output.write(b"[2026-01-01 00:00:00.000 test INFO] line %d\n" % i)
+    wait_for(lambda: sink.lost == 100, what="every line counted as lost")
+    sink.close()
+    if trouble == "EPIPE":
+        os.close(w)
+    assert len(told) == 1 and told[0].startswith("Cannot write the log to the pipe: [Errno")
+
+
+def test_a_line_sink_writes_a_burst_of_one_line_a_few_times_then_its_count():
+    """1,000 equal lines (their timestamps aside): the first few are written, the rest
+    become one line with their count."""
+    r, w = os.pipe()
+    sink = LineSink("test")
+    output = sink.output(w, "the pipe")
+    for i in range(1000):
+        output.write(b"[2026-01-01 00:00:%02d.%03d test WARNING] Could not accept a client\n" % (i // 1000, i % 1000))
+    output.write(b"[2026-01-01 00:00:01.000 test INFO] something else\n")
+    sink.close()
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        lines = pipe.read().splitlines()
+    assert len(lines) == REPEATS_WRITTEN + 2
+    assert lines[REPEATS_WRITTEN].endswith(b"Could not accept a client (repeated %d times)" % (1000 - REPEATS_WRITTEN))
+    assert lines[-1].endswith(b"something else")
