@@ -70,6 +70,10 @@ MAX_RING_MEMORY = 1 << 30
 STOP_GRACE = 10.0
 RECV_SIZE = 256 * 1024
 SERVER_EXITED = OSError("offlog server exited")  # framed clients also get errno ESHUTDOWN
+#: Seconds without a client turned away that end a burst of them (and log its counts).
+BURST_QUIET = 5.0
+#: What a client turned away at accept hears (errno EAGAIN).
+NO_THREAD = "the offlog server cannot start a thread for this client (thread or process limit); try again later"
 #: A socket session acknowledges written bytes (WRITTEN) at least this often.
 ACK_EVERY = 64 * 1024
 
@@ -112,6 +116,7 @@ class Server:
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe()
         self._listener: Optional[socket.socket] = None
+        self._turned_away = _TurnedAway(self.warn, self.info)
         self.control_watcher: Optional[Watcher] = None  # control sockets of ring sessions
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
 
@@ -171,11 +176,13 @@ class Server:
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
         while not self.stopping:
-            for key, _ in sel.select():
+            wake = self._turned_away.ends()
+            for key, _ in sel.select(None if wake is None else max(0.0, wake - time.monotonic())):
                 if key.fileobj is self._listener:
                     self._accept_all()
                 else:
                     os.read(self._wake_r, 4096)
+            self._turned_away.over()
         sel.close()
         self._shutdown()
 
@@ -215,12 +222,22 @@ class Server:
                 self.warn(f"Could not accept a client: {exc}")
                 time.sleep(0.05)
                 return
-            sock.setblocking(True)
-            with self._sessions_lock:
-                sid = self._next_id
-                self._next_id += 1
-                session = self._sessions[sid] = Session(self, sid, sock)
+            self._start_session(sock)
+
+    def _start_session(self, sock: socket.socket) -> None:
+        """Serve a client on a thread of its own, or turn it away if no thread can start."""
+        sock.setblocking(True)
+        with self._sessions_lock:
+            sid = self._next_id
+            self._next_id += 1
+            session = self._sessions[sid] = Session(self, sid, sock)
+        try:
             threading.Thread(target=session.run, name=f"client-{sid}", daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread": a thread, process or memory limit
+            self.session_done(session)
+            self._turned_away.note(f"refused a client: no thread ({exc})")
+            refuse_connection(sock, OSError(errno.EAGAIN, NO_THREAD))
+            return
 
     def status(self) -> dict:
         """What ``python -m offlog status`` shows."""
@@ -275,6 +292,7 @@ class Server:
 
     def _shutdown(self) -> None:
         self.info("Received signal, shutting down")
+        self._turned_away.over(stopping=True)
         self._listener.close()
         try:
             os.unlink(self.socket_path)
@@ -317,6 +335,50 @@ def _claim_socket_path(path: str) -> None:
     finally:
         probe.close()
     raise RuntimeError(f"another offlog server is already listening there{who}; stop it first or choose another -s")
+
+
+def refuse_connection(sock: socket.socket, error: OSError) -> None:
+    """Turn a client away without waiting for it: if its first bytes are here
+    already, answer ``error`` in its dialect (framed: the greeting, then ERROR;
+    0.x: the error text); otherwise say nothing. Then close the connection."""
+    try:
+        conn = P.ServerConnection()
+        conn.receive_data(sock.recv(RECV_SIZE, socket.MSG_DONTWAIT))
+        if conn.next_event() is not P.NEED_DATA:
+            sock.send(conn.send(P.Error(error)), socket.MSG_DONTWAIT)
+    except (OSError, P.ProtocolError):
+        pass  # nothing there yet, or the client left: closing is all there is to do
+    finally:
+        sock.close()
+
+
+class _TurnedAway:
+    """Clients the server could not serve for want of a descriptor or a thread.
+    A burst of them is logged when it starts (one line per reason) and, with
+    the counts, when it ends: ``BURST_QUIET`` seconds after the last one, or at
+    the stop. A flood costs a few lines, not one per client. Main thread only."""
+
+    def __init__(self, warn, info) -> None:
+        self._warn = warn
+        self._info = info
+        self._counts: Dict[str, int] = {}
+        self._last = 0.0
+
+    def note(self, what: str) -> None:
+        if what not in self._counts:
+            self._warn(f"Turning clients away: {what}; accepting goes on")
+        self._counts[what] = self._counts.get(what, 0) + 1
+        self._last = time.monotonic()
+
+    def ends(self) -> Optional[float]:
+        """When the current burst ends if no client is turned away before; None without one."""
+        return self._last + BURST_QUIET if self._counts else None
+
+    def over(self, stopping: bool = False) -> None:
+        """Log the counts of a burst that has ended (every burst, when stopping)."""
+        if self._counts and (stopping or time.monotonic() >= self._last + BURST_QUIET):
+            counts, self._counts = self._counts, {}
+            self._info("Clients turned away: " + "; ".join(f"{count} x {what}" for what, count in counts.items()))
 
 
 def _group_id(group: str) -> int:

@@ -1,26 +1,138 @@
-"""Limits of the host never stop the server: its own log stalled, full or gone."""
+"""Limits of the host never stop the server: threads, descriptors, its own log.
+
+The thread limit is a real one: the server is put in a cgroup whose
+``pids.max`` leaves room for two client threads (RLIMIT_NPROC would count
+every process of the user, including other tests', and does not bind root).
+The descriptor limit is the server's RLIMIT_NOFILE, lowered with prlimit.
+Requests are sent while the server is stopped (SIGSTOP), so each is there
+when the server accepts it and the answer does not depend on who runs first.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from typing import List
+import uuid
+from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 from support import REPO, child_env, socket_answers, wait_for
 
 import offlog
+from offlog import protocol as P
 from offlog.loglines import REPEATS_WRITTEN, LineSink
 
 
 # -- helpers ----------------------------------------------------------------------------
+def open_while_stopped(server, requests: List[P.Open]) -> List[Tuple[socket.socket, P.ClientConnection]]:
+    """Connect and send each request while the server is stopped; then let it run."""
+    sent = []
+    server.signal(signal.SIGSTOP)
+    try:
+        for request in requests:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(60)
+            sock.connect(server.sock)
+            conn = P.ClientConnection()
+            sock.sendall(conn.send(request))
+            sent.append((sock, conn))
+    finally:
+        server.signal(signal.SIGCONT)
+    return sent
+
+
+def answer(sock: socket.socket, conn: P.ClientConnection):
+    """The server's answer to an open: "opened", the exception it sent, or "closed"."""
+    while True:
+        event = conn.next_event()
+        if event is P.NEED_DATA:
+            try:
+                conn.receive_data(sock.recv(65536))
+            except ConnectionResetError:
+                conn.receive_data(b"")
+        elif isinstance(event, P.Opened):
+            return "opened"
+        elif isinstance(event, P.Error):
+            return event.exception
+        elif isinstance(event, P.Closed):
+            return "closed"
+
+
+def end_session(sock: socket.socket) -> None:
+    """End a held client's session the way a client does: end of data, then BYE."""
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(65536):
+        pass
+    sock.close()
+
+
 def open_fds(pid: int) -> List[int]:
     return sorted(int(name) for name in os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def pids_cgroup():
+    """A fresh cgroup of the pids controller (needs root, as in CI); removed afterwards."""
+    root = Path("/sys/fs/cgroup/pids")
+    if not (root / "cgroup.procs").exists():
+        root = Path("/sys/fs/cgroup")
+        try:
+            if "pids" not in (root / "cgroup.subtree_control").read_text().split():
+                pytest.skip("no pids cgroup controller here to bound the server's threads with")
+        except OSError:
+            pytest.skip("no cgroup file system here to bound the server's threads with")
+    group = root / f"offlog-test-{uuid.uuid4().hex[:12]}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"cannot create a pids cgroup to bound the server's threads with (run as root): {exc}")
+    yield group
+    for pid in (group / "cgroup.procs").read_text().split():
+        (root / "cgroup.procs").write_text(pid)  # a server still running leaves the group first
+    group.rmdir()
+
+
+# -- a thread or process limit ------------------------------------------------------------
+def test_no_thread_for_a_client_refuses_that_client_and_accepting_goes_on(start_server, workdir, pids_cgroup):
+    """With no thread to be had, each new client is refused with EAGAIN and the reason,
+    the server logs the burst once, keeps its socket and serves clients again as soon
+    as a thread is free (before: RuntimeError ended the accept loop and the server)."""
+    server = start_server()
+    server.wait_log("Client 0 disconnected\n")  # start_server's probe: its thread is gone
+    (pids_cgroup / "cgroup.procs").write_text(str(server.pid))
+    current = int((pids_cgroup / "pids.current").read_text())
+    (pids_cgroup / "pids.max").write_text(str(current + 2))  # room for two client threads
+    path = str(workdir / "app.log")
+
+    held = open_while_stopped(server, [P.Open(path, 0), P.Open(path, 0)])
+    assert [answer(*pair) for pair in held] == ["opened", "opened"]
+    refused = open_while_stopped(server, [P.Open(path, 0)] * 3 + [P.OpenPath(path)])
+    for sock, conn in refused:
+        error = answer(sock, conn)
+        sock.close()
+        assert isinstance(error, OSError) and error.errno == errno.EAGAIN, repr(error)
+        assert "cannot start a thread for this client" in str(error)
+    assert server.proc.poll() is None and os.path.exists(server.sock)
+
+    end_session(held[0][0])
+    wait_for(lambda: int((pids_cgroup / "pids.current").read_text()) <= current + 1, what="the session thread to end")
+    with offlog.ProxyFile(path, server.sock, shm=False) as f:
+        f.write(b"served again\n")
+    end_session(held[1][0])
+    assert b"served again\n" in (workdir / "app.log").read_bytes()
+
+    assert server.stop() == 0
+    output = server.output()
+    assert output.count("Turning clients away: refused a client: no thread") == 1
+    assert "Clients turned away: 4 x refused a client: no thread" in output
 
 
 # -- the server's own log: stalled, full, gone ---------------------------------------------------
