@@ -70,10 +70,13 @@ MAX_RING_MEMORY = 1 << 30
 STOP_GRACE = 10.0
 RECV_SIZE = 256 * 1024
 SERVER_EXITED = OSError("offlog server exited")  # framed clients also get errno ESHUTDOWN
+#: Seconds the server stops accepting when it has no descriptor even to refuse a client with.
+ACCEPT_PAUSE = 0.1
 #: Seconds without a client turned away that end a burst of them (and log its counts).
 BURST_QUIET = 5.0
-#: What a client turned away at accept hears (errno EAGAIN).
+#: What a client turned away at accept hears (errno EAGAIN, resp. EMFILE/ENFILE).
 NO_THREAD = "the offlog server cannot start a thread for this client (thread or process limit); try again later"
+NO_DESCRIPTOR = "the offlog server has no file descriptor left for this client; try again later"
 #: A socket session acknowledges written bytes (WRITTEN) at least this often.
 ACK_EVERY = 64 * 1024
 
@@ -116,6 +119,8 @@ class Server:
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe()
         self._listener: Optional[socket.socket] = None
+        self._spare_fd = -1  # closed to accept (and refuse) a client when descriptors run out
+        self._paused_until = 0.0  # no accept() before this (time.monotonic())
         self._turned_away = _TurnedAway(self.warn, self.info)
         self.control_watcher: Optional[Watcher] = None  # control sockets of ring sessions
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
@@ -150,6 +155,7 @@ class Server:
             raise
         listener.setblocking(False)
         self._listener = listener
+        self._spare_fd = _spare_descriptor()
         if self.shm_unavailable is None:
             removed = sweep_stale()
             if removed:
@@ -175,14 +181,22 @@ class Server:
         sel = selectors.DefaultSelector()
         sel.register(self._listener, selectors.EVENT_READ)
         sel.register(self._wake_r, selectors.EVENT_READ)
+        listening = True
         while not self.stopping:
-            wake = self._turned_away.ends()
-            for key, _ in sel.select(None if wake is None else max(0.0, wake - time.monotonic())):
+            wake = [t for t in (None if listening else self._paused_until, self._turned_away.ends()) if t is not None]
+            for key, _ in sel.select(max(0.0, min(wake) - time.monotonic()) if wake else None):
                 if key.fileobj is self._listener:
                     self._accept_all()
                 else:
                     os.read(self._wake_r, 4096)
             self._turned_away.over()
+            paused = time.monotonic() < self._paused_until
+            if paused == listening:  # stop or resume watching the listener
+                if paused:
+                    sel.unregister(self._listener)
+                else:
+                    sel.register(self._listener, selectors.EVENT_READ)
+                listening = not paused
         sel.close()
         self._shutdown()
 
@@ -213,16 +227,49 @@ class Server:
         return results
 
     def _accept_all(self) -> None:
+        """Accept every waiting client. A limit of the host (descriptors, threads)
+        turns a client away with the reason, never stops the accepting."""
         while True:
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:
                 return
-            except OSError as exc:  # EMFILE and friends: log, back off, keep serving
-                self.warn(f"Could not accept a client: {exc}")
-                time.sleep(0.05)
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+                refused = self._refuse_with_spare(exc)
+                if refused is None:
+                    return  # nobody was waiting after all (accept runs out of descriptors before it looks)
+                if refused:
+                    continue
+                self._turned_away.note(f"accepting paused for {ACCEPT_PAUSE:g} s: {exc}")
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE
                 return
             self._start_session(sock)
+
+    def _refuse_with_spare(self, exc: OSError) -> Optional[bool]:
+        """Out of descriptors: close the spare one, accept the waiting client with
+        it, tell it why and close it (it hears the reason at once instead of
+        timing out), take the spare again. False if that cannot be done, None
+        if no client was waiting."""
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return False
+        if self._spare_fd < 0:
+            self._spare_fd = _spare_descriptor()
+            if self._spare_fd < 0:
+                return False
+        os.close(self._spare_fd)
+        self._spare_fd = -1
+        refused: Optional[bool] = True
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            refused = None
+        except OSError:
+            refused = False  # another thread took the descriptor
+        else:
+            self._turned_away.note(f"refused a client: {exc.strerror}")
+            refuse_connection(sock, OSError(exc.errno, NO_DESCRIPTOR))
+        self._spare_fd = _spare_descriptor()  # the one the client had
+        return refused
 
     def _start_session(self, sock: socket.socket) -> None:
         """Serve a client on a thread of its own, or turn it away if no thread can start."""
@@ -238,6 +285,8 @@ class Server:
             self._turned_away.note(f"refused a client: no thread ({exc})")
             refuse_connection(sock, OSError(errno.EAGAIN, NO_THREAD))
             return
+        if self._spare_fd < 0:
+            self._spare_fd = _spare_descriptor()
 
     def status(self) -> dict:
         """What ``python -m offlog status`` shows."""
@@ -294,6 +343,8 @@ class Server:
         self.info("Received signal, shutting down")
         self._turned_away.over(stopping=True)
         self._listener.close()
+        if self._spare_fd >= 0:
+            os.close(self._spare_fd)
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -335,6 +386,14 @@ def _claim_socket_path(path: str) -> None:
     finally:
         probe.close()
     raise RuntimeError(f"another offlog server is already listening there{who}; stop it first or choose another -s")
+
+
+def _spare_descriptor() -> int:
+    """A descriptor to give up when accept() finds none left; -1 if there is none to take."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return -1
 
 
 def refuse_connection(sock: socket.socket, error: OSError) -> None:

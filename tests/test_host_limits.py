@@ -135,6 +135,41 @@ def test_no_thread_for_a_client_refuses_that_client_and_accepting_goes_on(start_
     assert "Clients turned away: 4 x refused a client: no thread" in output
 
 
+# -- EMFILE ------------------------------------------------------------------------------------
+def test_no_descriptor_for_a_client_refuses_it_at_once_and_logs_the_burst_once(start_server, workdir):
+    """Out of descriptors, the server accepts each waiting client with its spare
+    descriptor and answers EMFILE with the reason, in the client's dialect, instead of
+    leaving it to time out while logging 20 lines a second; it serves clients again
+    once descriptors are free."""
+    server = start_server()
+    server.wait_log("Client 0 disconnected\n")  # start_server's probe: its socket is closed
+    path = str(workdir / "app.log")
+    fds = open_fds(server.pid)
+    free = [n for n in range(max(fds) + 8) if n not in fds]
+    limit = free[2] + 1  # three descriptors left: two held clients of one file take them
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, limit))
+
+    held = open_while_stopped(server, [P.Open(path, 0), P.Open(path, 0)])
+    assert [answer(*pair) for pair in held] == ["opened", "opened"]
+    refused = open_while_stopped(server, [P.Open(path, 0)] * 20 + [P.OpenPath(path)])
+    for sock, conn in refused:
+        error = answer(sock, conn)
+        sock.close()
+        assert isinstance(error, OSError) and error.errno == errno.EMFILE, repr(error)
+        assert "no file descriptor left for this client" in str(error)
+
+    for sock, _ in held:
+        end_session(sock)
+    with offlog.ProxyFile(path, server.sock, shm=False) as f:
+        f.write(b"served again\n")
+    assert (workdir / "app.log").read_bytes() == b"served again\n"
+
+    assert server.stop() == 0
+    output = server.output()
+    assert output.count("Turning clients away") == 1, output
+    assert "Clients turned away: 21 x refused a client: Too many open files" in output
+
+
 # -- the server's own log: stalled, full, gone ---------------------------------------------------
 def test_a_server_whose_stdout_and_stderr_nobody_reads_serves_every_client(procs, workdir):
     """Its log lines fill the pipes (a 64 KiB buffer each) long before the last client:
@@ -155,9 +190,9 @@ def test_a_server_whose_stdout_and_stderr_nobody_reads_serves_every_client(procs
         with offlog.ProxyFile(str(workdir / "app.log"), sock, shm=False, timeout=60_000) as f:
             f.write(b"%d\n" % i)
     assert (workdir / "app.log").read_bytes() == b"".join(b"%d\n" % i for i in range(clients))
-    log = logfile.read_bytes()
+    last = f"Client {clients} disconnected\n".encode()  # client 0 was the socket_answers probe
+    log = wait_for(lambda: last in logfile.read_bytes() and logfile.read_bytes(), what="the last client's line")
     assert len(log) > 2 * 64 * 1024, "the test should have logged more than the pipe holds"
-    assert f"Client {clients - 1} disconnected".encode() in log
     server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
 
