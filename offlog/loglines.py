@@ -33,11 +33,16 @@ equal to the one before it on its output, timestamp aside, within
 ``REPEATS_WRITTEN`` times and then only counted; when the window ends, one
 line says how many were held back (``... (repeated 312 times)``). A flood
 of one message costs a comparison per line and a few lines per window.
+
+:func:`printable` makes a text safe for a one-line log: the server passes
+every message through it, so a client's path can neither break a line nor
+forge one.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import sys
 import threading
@@ -223,6 +228,33 @@ def _emit(stream: Any, line: str) -> None:
     if stream is not None:
         stream.write(line)
         stream.flush()
+
+
+#: What :func:`printable` escapes: C0 and C1 controls, DEL, the Unicode line and
+#: paragraph separators, lone surrogates (a byte that is not UTF-8, decoded with surrogateescape).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: "re.Match[str]") -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the byte itself
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: controls become ``\\n``, ``\\r``, ``\\t`` or
+    ``\\xNN``, a byte that is not UTF-8 (a surrogateescape'd path) ``\\xNN``
+    of that byte, the line separators and other lone surrogates ``\\uNNNN``.
+    Everything else (a backslash too) stays as it is. Costs one regex search
+    when there is nothing to escape."""
+    if _UNPRINTABLE.search(text) is None:
+        return text
+    return _UNPRINTABLE.sub(_escape, text)
 
 
 class LineSink:

@@ -58,7 +58,7 @@ from . import __version__
 from . import protocol as P
 from .defaults import HANDSHAKE_TIMEOUT
 from .files import FileTable, OpenFile
-from .loglines import LineLogger
+from .loglines import LineLogger, printable
 from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
 from .trust import describe_uid, peer_credentials
 from .watcher import Watcher
@@ -126,12 +126,16 @@ class Server:
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
 
     # -- logging ----------------------------------------------------------
+    # Every line goes through printable(): a client's path or text can neither
+    # break a line nor forge one, and no character makes logging fail.
     def info(self, msg: str) -> None:
+        msg = printable(msg)
         with self._log_lock:
             self._log.info(msg)
 
     def warn(self, msg: str) -> None:
         """Log a problem; it also counts in the status report."""
+        msg = printable(msg)
         with self._log_lock:
             self._log.warning(msg)
             self.errors += 1
