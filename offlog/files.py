@@ -40,6 +40,26 @@ busy writing gets ``reopen_pending`` and its writer reopens it after its
 current write. Nothing is lost: bytes written before the reopen are in the
 renamed file, bytes after it in the new one.
 
+Paths that are not log files. A client's path is data, not a command: the
+server never opens, on a client's word, its own descriptors, another
+process's, or the kernel's files. :func:`open_for_append` refuses (with
+``PermissionError``, ``EACCES``):
+
+* a path spelled under ``/proc``, ``/sys`` or ``/dev/fd``, or
+  ``/dev/stdin``, ``/dev/stdout``, ``/dev/stderr`` (checked on the path as
+  written, ``..`` and ``//`` resolved), before anything is opened;
+* a path that reaches a ``/proc`` "magic link" (``/proc/<pid>/fd/N``,
+  ``/proc/<pid>/cwd``, ...) through any symlink: the open uses ``openat2``
+  with ``RESOLVE_NO_MAGICLINKS`` where the kernel has it (Linux 5.6), so the
+  kernel itself refuses, without a race;
+* a file that, once open, turns out to be under ``/proc`` or ``/sys`` (a
+  symlink into them; the kernel's name of the open file says so), or to be
+  one the server writes its own log to (:attr:`FileTable.keep_out`: its
+  stdout, stderr and ``-l`` file, whatever path names them). The descriptor
+  is closed again before the refusal.
+
+The same checks apply when a rotation reopens the path.
+
 When a reopen fails, two cases:
 
 * the path's directory is gone (``ENOENT``, ``ENOTDIR``): the file's clients
@@ -58,12 +78,15 @@ what failed.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import select
 import stat
+import sys
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import AbstractSet, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .backlog import Buffer
 from .inotify import (
@@ -98,6 +121,12 @@ DIRECTORY_EVENTS = (
     IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
 )
 
+#: Trees of a process's or the kernel's files, never a log file (see the module header).
+REFUSED_TREES = ("/proc", "/sys", "/dev/fd")
+REFUSED_PATHS = ("/dev/stdin", "/dev/stdout", "/dev/stderr")
+NOT_A_LOG_FILE = "not a log file: offlog does not open files under /proc, /sys or /dev/fd"
+OWN_LOG = "not a log file: the offlog server writes its own log there"
+
 Identity = Tuple[int, int]  # (st_dev, st_ino)
 
 
@@ -124,11 +153,106 @@ def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _refused_name(path: str) -> bool:
+    """True if ``path`` (absolute) names something in REFUSED_TREES or REFUSED_PATHS."""
+    name = "/" + os.path.normpath(path).lstrip("/")
+    return name in REFUSED_PATHS or any(name == tree or name.startswith(tree + "/") for tree in REFUSED_TREES)
+
+
+def open_for_append(path: str, keep_out: AbstractSet[Identity] = frozenset()) -> Tuple[int, Identity]:
+    """Open ``path`` for appending (may block, e.g. on a FIFO with no reader);
+    return the descriptor and the file's identity. A path that is not a log
+    file (see the module header) or a file in ``keep_out`` raises
+    PermissionError (EACCES) naming the path, with nothing left open."""
+    if _refused_name(path):
+        raise PermissionError(errno.EACCES, NOT_A_LOG_FILE, path)
+    fd = _open(path)
+    try:
+        identity = _identity(os.fstat(fd))
+        if identity in keep_out:
+            raise PermissionError(errno.EACCES, OWN_LOG, path)
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fd}")  # the kernel's name for what was opened
+        except OSError:
+            opened = path  # no /proc: the path as written was checked already
+        if opened.startswith("/") and _refused_name(opened):
+            raise PermissionError(errno.EACCES, NOT_A_LOG_FILE, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, identity
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+SYS_OPENAT2 = 437  # the same on every Linux architecture (new system calls are numbered alike since 5.1)
+AT_FDCWD = -100
+RESOLVE_NO_MAGICLINKS = 0x02
+
+
+def _libc_syscall() -> Optional[Callable[..., int]]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+
+
+_syscall = _libc_syscall()  # None once openat2 turns out to be missing
+
+
+def _resolves(path: str) -> bool:
+    """True if ``path`` resolves without a symlink loop (it may name nothing)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno != errno.ELOOP
+    return True
+
+
+def _open(path: str) -> int:
+    """``open(path, OPEN_FLAGS, 0o666)``, through no /proc magic link where the
+    kernel can promise that (``openat2``); a plain ``open`` where it cannot."""
+    global _syscall
+    if _syscall is not None:
+        how = _OpenHow(OPEN_FLAGS, 0o666, RESOLVE_NO_MAGICLINKS)
+        raw = os.fsencode(path)
+        while True:
+            fd = _syscall(
+                ctypes.c_long(SYS_OPENAT2),
+                ctypes.c_long(AT_FDCWD),
+                ctypes.c_char_p(raw),
+                ctypes.byref(how),
+                ctypes.c_size_t(ctypes.sizeof(how)),
+            )
+            if fd >= 0:
+                return fd
+            code = ctypes.get_errno()
+            if code == errno.ELOOP and _resolves(path):  # no loop: a magic link on the way
+                raise PermissionError(errno.EACCES, NOT_A_LOG_FILE, path)
+            if code == errno.ENOSYS:  # a kernel before 5.6, or a sandbox without it
+                _syscall = None
+                break
+            if code != errno.EINTR:
+                raise OSError(code, os.strerror(code), path)
+    return os.open(path, OPEN_FLAGS, 0o666)
+
+
 class OpenFile:
     """One path, one descriptor, one lock. Writers call :meth:`append`."""
 
-    def __init__(self, path: str, info: Callable[[str], None], warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        info: Callable[[str], None],
+        warn: Callable[[str], None],
+        keep_out: AbstractSet[Identity] = frozenset(),
+    ) -> None:
         self.path = path
+        self._keep_out = keep_out
         self.fd = -1
         self.clients = 0
         self.lock = threading.Lock()
@@ -152,9 +276,7 @@ class OpenFile:
     def open(self) -> None:
         """Open the path (may block, e.g. on a FIFO with no reader)."""
         try:
-            fd = os.open(self.path, OPEN_FLAGS, 0o666)
-            self._identity = _identity(os.fstat(fd))
-            self.fd = fd
+            self.fd, self._identity = open_for_append(self.path, self._keep_out)
         except BaseException as exc:
             self._open_error = exc
             raise
@@ -211,12 +333,12 @@ class OpenFile:
             why = f"{noticed}; created after {CREATE_GRACE:g} s"
         self.missing = None
         try:
-            fd = os.open(self.path, OPEN_FLAGS, 0o666)
+            fd, identity = open_for_append(self.path, self._keep_out)
         except OSError as exc:
             self._reopen_failed(_naming(exc, self.path), at_path, force)
             return exc
         old, self.fd = self.fd, fd
-        self._identity = _identity(os.fstat(fd))
+        self._identity = identity
         try:
             os.close(old)
         except OSError:
@@ -314,7 +436,19 @@ class FileTable:
         self._lock = threading.Lock()
         self._info = info
         self._warn = warn
+        #: Files no client may open: those the server writes its own log to (see :meth:`keep_out_fd`).
+        self.keep_out: Set[Identity] = set()
         self.watcher = RotationWatcher(self, warn)
+
+    def keep_out_fd(self, fd: int) -> None:
+        """No client may open the file ``fd`` is open on (the server's stdout, say),
+        whatever path names it. /dev/null stays open to all: it takes nothing."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return
+        if _identity(st) != _at_path(os.devnull):
+            self.keep_out.add(_identity(st))
 
     def acquire(self, path: str) -> OpenFile:
         """Return the open file for ``path``, opening it if needed (may block).
@@ -325,7 +459,7 @@ class FileTable:
             entry = self._files.get(path)
             first = entry is None
             if first:
-                entry = self._files[path] = OpenFile(path, self._info, self._warn)
+                entry = self._files[path] = OpenFile(path, self._info, self._warn, self.keep_out)
             entry.clients += 1
         if first:
             self.watcher.watch(path)

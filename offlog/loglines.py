@@ -184,6 +184,13 @@ class LineLogger:
         if CRITICAL >= self._floor:
             self._emit(CRITICAL, msg, args, exc_info)
 
+    @property
+    def outputs(self) -> List[Any]:
+        """Where the lines go: the file (if any), the stdout and stderr outputs."""
+        given = [self._file, sys.stdout if self._stdout is None else self._stdout]
+        given.append(sys.stderr if self._stderr is None else self._stderr)
+        return [output for output in given if output is not None]
+
     def flush(self) -> None:
         """Hand every line logged so far over (the file and the streams); never
         waits for the disk."""
@@ -463,6 +470,9 @@ class SinkOutput:
     def write(self, line: bytes) -> None:
         """Queue one whole line; never waits for the descriptor, never raises."""
         self._sink._take(self, line)
+
+    def fileno(self) -> int:
+        return self.fd
 
     def flush(self) -> None:
         """Nothing to do: lines are handed over as they are written."""

@@ -897,6 +897,11 @@ def main_server(args, log: LineLogger) -> int:
         max_ring_memory=args.max_ring_memory,
         handshake_timeout=args.handshake_timeout,
     )
+    for output in log.outputs:
+        try:
+            server.files.keep_out_fd(output.fileno())  # no client appends to the server's own log
+        except (OSError, ValueError):
+            pass  # an output with no descriptor
     log.info("This is offlog server")
     try:
         server.bind()

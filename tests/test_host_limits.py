@@ -215,12 +215,12 @@ def test_a_server_whose_log_file_is_full_or_stalled_serves_clients_and_leaks_not
         path = str(workdir / "app.log")
         with offlog.ProxyFile(path, server.sock, shm=False) as f:
             f.write(b"warm-up\n")
-        server.wait_log("Client 0 disconnected")
+        server.wait_log("Client 1 disconnected\n")  # client 0 was start_server's probe
         baseline = open_fds(server.pid)
         for i in range(300):
             with offlog.ProxyFile(path, server.sock, shm=False, timeout=60_000) as f:
                 f.write(b"%d\n" % i)
-        server.wait_log("Client 300 disconnected")
+        server.wait_log("Client 301 disconnected\n")
         wait_for(lambda: open_fds(server.pid) == baseline, what="the server's descriptors back to the baseline")
         assert (workdir / "app.log").read_bytes() == b"warm-up\n" + b"".join(b"%d\n" % i for i in range(300))
         if sink == "dev-full":

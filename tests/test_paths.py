@@ -4,6 +4,7 @@ process's or the kernel's files on a client's word."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -77,3 +78,46 @@ def test_a_newline_in_a_path_cannot_forge_a_server_log_line(start_server, workdi
         assert f"Client 1 opened {workdir}/app\\n{forged}\\r\\x1b[2K.log (clients of this file: 1)" in text
         assert every_line_is_the_servers(text)
         assert not any(line.startswith(forged) for line in text.splitlines())
+
+
+def test_paths_to_descriptors_and_kernel_files_are_refused(start_server, workdir):
+    """/proc/self/fd/1 is the server's stdout; /proc/<pid>/fd/N, /dev/fd, /dev/stdout,
+    /sys and /proc files are no log files either, spelled directly or through a
+    symlink, nor is the file the server logs to (-l, or its stdout) under its own name.
+    Each is refused with PermissionError (EACCES) saying why, nothing is written to
+    any of them, and nothing stays open; /dev/null stays open to clients."""
+    logfile = workdir / "server.log"
+    server = start_server("-l", str(logfile))
+    server.wait_log("Client 0 disconnected\n")
+    baseline = open_fds(server.pid)
+    os.symlink("/proc/self/fd/1", workdir / "stdout-link")
+    os.symlink("/proc/self", workdir / "self-link")
+    os.symlink(str(logfile), workdir / "log-link")
+    refused = {
+        "/proc/self/fd/1": "not a log file: offlog does not open files under /proc, /sys or /dev/fd",
+        f"/proc/{server.pid}/fd/2": "under /proc, /sys or /dev/fd",
+        "/proc/thread-self/fd/1": "under /proc, /sys or /dev/fd",
+        "/dev/fd/1": "under /proc, /sys or /dev/fd",
+        "/dev/stdout": "under /proc, /sys or /dev/fd",
+        "/tmp/../proc/self/fd/1": "under /proc, /sys or /dev/fd",
+        "/sys/kernel/notes": "under /proc, /sys or /dev/fd",
+        str(workdir / "stdout-link"): "not a log file",
+        str(workdir / "self-link" / "comm"): "under /proc, /sys or /dev/fd",
+        str(logfile): "not a log file: the offlog server writes its own log there",
+        str(workdir / "log-link"): "the offlog server writes its own log there",
+        str(server.log_path): "the offlog server writes its own log there",
+    }
+    before = (server.log_path.read_bytes(), logfile.read_bytes())
+    for path, why in refused.items():
+        with pytest.raises(PermissionError) as caught:
+            with offlog.ProxyFile(path, server.sock, shm=False) as f:
+                f.write(b"INJECTED\n")
+        assert caught.value.errno == errno.EACCES and why in str(caught.value), (path, caught.value)
+        assert repr(os.path.abspath(path)) in str(caught.value)
+    with offlog.ProxyFile("/dev/null", server.sock, shm=False) as f:
+        f.write(b"discarded\n")
+    wait_for(lambda: open_fds(server.pid) == baseline, what="the server's descriptors back to the baseline")
+    assert server.stop() == 0
+    assert b"INJECTED" not in server.log_path.read_bytes() + logfile.read_bytes()
+    assert server.log_path.read_bytes().startswith(before[0]) and logfile.read_bytes().startswith(before[1])
+    assert server.output().count("access denied for") == len(refused)
