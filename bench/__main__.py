@@ -2,7 +2,7 @@
 
 Run from the repository root (so ``bench`` and ``offlog`` are importable)::
 
-    python -m bench            # everything, about ten minutes on 2 cores
+    python -m bench            # everything, about twelve minutes on 2 cores
     python -m bench --quick    # everything, small: under two minutes
     python -m bench --only latency,stall --calls 1000000
 

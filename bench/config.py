@@ -1,6 +1,6 @@
 """How big each scenario is: the full run's defaults and the quick run's.
 
-The full run is sized for about fifteen minutes on a 2-core machine: runs long
+The full run is sized for about twelve minutes on a 2-core machine: runs long
 enough (most near a second or more) and rounds enough (median of 5) that a
 scheduler hiccup does not decide a ratio. ``--quick`` runs every scenario
 small, in well under two minutes. Counts are per
