@@ -59,7 +59,7 @@ from . import protocol as P
 from .defaults import HANDSHAKE_TIMEOUT
 from .files import FileTable, OpenFile
 from .loglines import LineLogger, printable
-from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, sweep_stale, unsupported_reason
+from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, unsupported_reason
 from .trust import describe_uid, peer_credentials
 from .watcher import Watcher
 
@@ -161,9 +161,6 @@ class Server:
         self._listener = listener
         self._spare_fd = _spare_descriptor()
         if self.shm_unavailable is None:
-            removed = sweep_stale()
-            if removed:
-                self.info(f"Removed {removed} shared-memory object(s) left by a dead server")
             self.control_watcher = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "control watcher")
 
     def _give_socket_to(self, group: str) -> None:
@@ -594,7 +591,7 @@ class Session:
     def _open_framed(self, event: P.Open) -> None:
         self.fsync = bool(event.flags & P.FSYNC)
         self._open(event.path)
-        reason = self._offer_reason(event.flags) or self.server.reserve_ring()
+        reason = self._offer_reason(event.flags, event.version) or self.server.reserve_ring()
         if reason is None:
             try:
                 self.ring = ServerRing(self.server.ring_size)
@@ -602,13 +599,22 @@ class Session:
                 self.server.release_ring()
                 reason = f"could not create the ring: {exc}"
         if self.ring is None:
-            self._say(P.Opened(note=reason))
+            self._say(P.Opened(note=reason, version=self.conn.version))
             self.server.info(f"Client {self.id} transport: socket ({reason})")
         else:
-            self._say(P.ShmOffer(self.ring.capacity, self.ring.shm_name, self.ring.sem_name))
+            self._offer()
+
+    def _offer(self) -> None:
+        """OPENED(SHM_OFFERED) + SHM_OFFER with the ring's memfd attached to their
+        bytes (SCM_RIGHTS); the server's copy of the descriptor goes once sent."""
+        data = self.conn.send(P.ShmOffer(self.ring.capacity))
+        try:
+            sent = socket.send_fds(self.sock, [data], [self.ring.fd])
+            self.sock.sendall(data[sent:])
+        finally:
+            self.ring.close_fd()
 
     def _ring_accepted(self, event: P.ShmAccept) -> None:
-        self.ring.unlink()
         self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
 
     def _ring_declined(self, event: P.ShmDecline) -> None:
@@ -622,14 +628,16 @@ class Session:
         self.server.warn(line)
         return _Reported(error)
 
-    def _offer_reason(self, flags: int) -> Optional[str]:
+    def _offer_reason(self, flags: int, version: int) -> Optional[str]:
         """Why this client gets no ring, or None to offer one."""
         if self.server.shm_unavailable is not None:
             return self.server.shm_unavailable
         if flags & P.NO_SHM_SUPPORT:
-            return "client has no posix_ipc"
+            return "client cannot map rings"
         if not flags & P.WANT_SHM:
             return "client asked for the socket"
+        if version < P.SEALED_RINGS:
+            return f"client too old for sealed rings (protocol {version})"
         return None
 
     def _open(self, path: str) -> None:

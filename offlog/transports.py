@@ -67,12 +67,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Optional, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Tuple, Union
 
 from . import protocol as P
 from .backlog import Backlog, Buffer
 from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT
-from .shm import ClientRing, unsupported_reason
+from .shm import ClientRing, UnsafeRing, unsupported_reason
 from .shm.ring import admit_all
 from .socketpath import FramedSocket, LegacySocket
 from .token import WAIT
@@ -81,7 +81,12 @@ from .watcher import Watcher
 
 #: Seconds one step of a wait sleeps in poll() before it looks again.
 WAIT_STEP = 0.0005
+#: Descriptors one handshake read takes (SCM_RIGHTS); an offer brings one, more are refused.
+MAX_FDS = 4
+#: Client states in which a descriptor received may still be the offered ring's.
+_OFFER_STATES = ("GREETING", "OPENING", "OFFERED", "MAPPING")
 _WATCH = select.POLLIN | getattr(select, "POLLRDHUP", 0)
+_RECV_FDS_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 #: What write() takes: bytes-like, or str (encoded as UTF-8, as in 0.x).
 Writable = Union[Buffer, str]
 #: on_lost(unconfirmed bytes, in order) -> the write() that takes over.
@@ -175,6 +180,7 @@ class _Channel:
         self.on_written: Callable[[int], None] = lambda position: None
         self._events: Deque[Any] = deque()
         self._lock = threading.Lock()
+        self._fds: List[int] = []  # received in the handshake, for a ring offer
 
     @property
     def framed(self) -> bool:
@@ -191,25 +197,44 @@ class _Channel:
 
     def answer(self, deadline: Deadline) -> Any:
         """Handshake only (one reader): the server's next event. Its ERROR is
-        raised; an end of file is an EOFError."""
+        raised; an end of file is an EOFError. Descriptors that come with the
+        bytes (SCM_RIGHTS) are kept for a ring offer (:meth:`take_fds`) while
+        one may still come, and closed as soon as none can."""
         conn = self.conn
-        event = conn.next_event()
-        while event is P.NEED_DATA:
-            if not wait_readable(self.sock, deadline.left()):
-                deadline.left()
-                continue
-            try:
-                conn.receive_data(self.sock.recv(65536, socket.MSG_DONTWAIT))
-            except (BlockingIOError, InterruptedError):
-                continue
-            except ConnectionResetError:
-                conn.receive_data(b"")
+        try:
             event = conn.next_event()
+            while event is P.NEED_DATA:
+                if not wait_readable(self.sock, deadline.left()):
+                    deadline.left()
+                    continue
+                try:
+                    data, fds, _, _ = socket.recv_fds(self.sock, 65536, MAX_FDS, _RECV_FDS_FLAGS)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except ConnectionResetError:
+                    data, fds = b"", []
+                self._fds += fds
+                conn.receive_data(data)
+                event = conn.next_event()
+        except BaseException:
+            self.close_fds()
+            raise
+        if conn.state not in _OFFER_STATES:
+            self.close_fds()
         if type(event) is P.Error:
             raise _remote(event.exception)
         if type(event) is P.Closed:
             raise EOFError("the offlog server closed the connection during the handshake")
         return event
+
+    def take_fds(self) -> List[int]:
+        """The descriptors received in the handshake so far: the caller's to close."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            os.close(fd)
 
     def poll(self) -> None:
         """Take in whatever the server has sent, without waiting."""
@@ -811,11 +836,21 @@ def _take_offer(
     timeout_ms: Optional[float],
     limit: Optional[BacklogLimit],
 ) -> Transport:
-    """Map the offered ring and accept it; decline it (a socket session) if that fails."""
+    """Map the offered ring and accept it; decline it (a socket session) if that
+    fails. The ring is the one descriptor that came with the offer, checked
+    before it is mapped (:class:`~offlog.shm.ClientRing`); every descriptor
+    received is closed or the ring's."""
     transport = Transport(channel, timeout_ms, limit)
+    fds = channel.take_fds()
     try:
-        ring = ClientRing(offer.capacity, offer.shm_name, offer.sem_name, **transport.ring_options())
+        if channel.conn.version < P.SEALED_RINGS:
+            raise UnsafeRing(f"the server speaks protocol {channel.conn.version}: its rings have names, not seals")
+        if len(fds) != 1:
+            raise UnsafeRing(f"the offer came with {len(fds)} descriptors, expected 1")
+        ring = ClientRing(offer.capacity, fds.pop(), **transport.ring_options())
     except Exception as exc:
+        for fd in fds:
+            os.close(fd)
         channel.sock.sendall(channel.say(P.ShmDecline(P.exception_text(exc))))
         if shm:
             raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc

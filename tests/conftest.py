@@ -62,8 +62,9 @@ def peers():
 
 @pytest.fixture(autouse=True, scope="session")
 def no_shm_leftovers():
-    """Objects that appeared during the suite and whose server is dead were leaked by us
-    (servers other programs run on this machine keep their live rings)."""
+    """Nothing of ours may appear in /dev/shm: rings have no names. Named objects that
+    appeared during the suite and whose creator is dead would be leaked by us (servers
+    of other versions that other programs run on this machine keep their live rings)."""
     before = shm_objects()
     yield
     left = {n for n in shm_objects() - before if not pid_alive(int(n.split("offlog.", 1)[1].split(".")[0]))}

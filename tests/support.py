@@ -54,10 +54,12 @@ def socket_answers(path: str) -> bool:
 
 
 def shm_objects(pids: Optional[Iterable[int]] = None) -> set:
-    """offlog's named objects in /dev/shm right now (only those of servers ``pids``, if given).
+    """Entries in /dev/shm named like offlog's (only those of servers ``pids``, if given).
 
-    Object names carry the creating server's pid (``offlog.<pid>.<hex>.ring``),
-    which lets a test ignore rings of servers it did not start.
+    A current server names nothing (each ring is a sealed memfd passed over its
+    client's socket). Servers before version 3 of the protocol named their rings
+    ``offlog.<pid>.<hex>.ring``: the pid lets a test ignore those of servers it did
+    not start (others may run one on this machine) while it asserts its own made none.
     """
     try:
         names = {n for n in os.listdir("/dev/shm") if "offlog." in n}
@@ -67,6 +69,35 @@ def shm_objects(pids: Optional[Iterable[int]] = None) -> set:
         return names
     wanted = {str(p) for p in pids}
     return {n for n in names if n.split("offlog.", 1)[1].split(".", 1)[0] in wanted}
+
+
+def dev_shm_in_use(pid: int) -> set:
+    """The /dev/shm files process ``pid`` has open or mapped (a ring needs none)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if target.startswith("/dev/shm/"):
+            found.add(target)
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                found.add(fields[5].strip())
+    return found
+
+
+def ring_mappings(pid: int) -> int:
+    """How many ring memfds process ``pid`` has mapped."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum("/memfd:offlog-ring" in line for line in maps)
+
+
+def open_fds(pid: int) -> int:
+    """How many descriptors process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def pid_alive(pid: int) -> bool:

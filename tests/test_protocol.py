@@ -72,7 +72,6 @@ from offlog.protocol import wire as W
 PATH = "/var/log/app.log"
 PREAMBLE = b"\0OFFLOG\0"
 GREETING = b"OFFLOG\0"
-RING = ("/offlog.4242.0123456789abcdef.ring", "/offlog.4242.0123456789abcdef.bell")
 #: server.py's SERVER_EXITED, which it sends with errno ESHUTDOWN (6.6).
 SHUTDOWN = OSError("offlog server exited")
 SHUTDOWN_TEXT = "OSError: offlog server exited"
@@ -93,16 +92,17 @@ def u64(value: int) -> bytes:
     return struct.pack("<Q", value)
 
 
-def open_frame(path: bytes, flags: int = 0, version: int = 2) -> bytes:
+def open_frame(path: bytes, flags: int = 0, version: int = 3) -> bytes:
     return frame(b"O", struct.pack("<HH", version, flags) + path)
 
 
-def opened_frame(flags: int = 0, note: bytes = b"") -> bytes:
-    return frame(b"K", struct.pack("<HH", 2, flags) + note)
+def opened_frame(flags: int = 0, note: bytes = b"", version: int = 3) -> bytes:
+    return frame(b"K", struct.pack("<HH", version, flags) + note)
 
 
 def offer_frame(capacity: int = 1 << 20) -> bytes:
-    return frame(b"S", u64(capacity) + RING[0].encode() + b"\0" + RING[1].encode())
+    """SHM_OFFER: the capacity only (the ring's memfd travels beside the bytes)."""
+    return frame(b"S", u64(capacity))
 
 
 def error_frame(text: str, code: int = 0) -> bytes:
@@ -273,7 +273,7 @@ class ClientPart(Part):
         if kind == "ShmOffer" and self.accept:
             return [ShmAccept(), *(e for e in self.plan if type(e) is not Data), EndOfData()]
         if kind == "ShmOffer":
-            return [ShmDecline("ModuleNotFoundError: No module named 'posix_ipc'"), *self.plan, EndOfData()]
+            return [ShmDecline("UnsafeRing: the offered ring is not sealed against resizing"), *self.plan, EndOfData()]
         if kind == "Opened":
             return [*(e for e in self.plan if self.conn.framed or type(e) is Data), EndOfData()]
         return []
@@ -325,7 +325,7 @@ class ServerPart(Part):
             if self.refuse is not None:
                 return [Error(self.refuse)]
             if self.offer and kind == "Open" and event.flags & W.WANT_SHM:
-                return [ShmOffer(1 << 20, *RING)]
+                return [ShmOffer(1 << 20)]
             return [Opened(note="client asked for the socket" if kind == "Open" else "")]
         if kind == "InvalidPath":
             return [Error(event.error)]
@@ -701,7 +701,7 @@ SERVER_PATHS: Dict[str, list] = {"PREAMBLE": []}
 SERVER_PATHS["GREETING"] = [PREAMBLE]
 SERVER_PATHS["OPEN"] = [PREAMBLE, Greeting()]
 SERVER_PATHS["OPENING"] = [*SERVER_PATHS["OPEN"], open_frame(PATH.encode(), W.WANT_SHM)]
-SERVER_PATHS["OFFERED"] = [*SERVER_PATHS["OPENING"], ShmOffer(1 << 20, *RING)]
+SERVER_PATHS["OFFERED"] = [*SERVER_PATHS["OPENING"], ShmOffer(1 << 20)]
 SERVER_PATHS["DATA"] = [*SERVER_PATHS["OPENING"], Opened()]
 SERVER_PATHS["ENDED"] = [*SERVER_PATHS["DATA"], b""]
 SERVER_PATHS["REQUESTED"] = [*SERVER_PATHS["OPEN"], frame(b"Q")]
@@ -792,7 +792,7 @@ NOTHING = st.just(b"")
 TO_SERVER_PAYLOADS = {
     b"O": st.builds(
         lambda version, flags, path: struct.pack("<HH", version, flags) + path,
-        st.integers(0, 3),
+        st.integers(0, 4),
         st.integers(0, 0xFFFF),
         st.sampled_from([PATH.encode(), b"tmp/x", b"", b"/a\0b", b"/\xff\xfe", b"/" + b"a" * 4100]),
     ),
@@ -823,14 +823,14 @@ DOCUMENTS = st.sampled_from(
 TO_CLIENT_PAYLOADS = {
     b"K": st.builds(
         lambda version, flags, note: struct.pack("<HH", version, flags) + note,
-        st.integers(0, 3),
+        st.integers(0, 4),
         st.integers(0, 0xFFFF),
         st.binary(max_size=8),
     ),
     b"S": st.builds(
         lambda capacity, names: u64(capacity) + names,
         st.integers(0, 2**64 - 1),
-        st.sampled_from([b"/r\0/b", b"/r", b"\0/b", b"/r\0", b"/r\0/b\0/c", b"/\xff\0/b", b"/r\0/\xc3"]),
+        st.sampled_from([b"", b"", b"/r\0/b", b"\0", b"\xff"]),  # protocol 3: nothing after the capacity
     ),
     b"E": st.builds(
         lambda code, text: struct.pack("<I", code) + text.encode(),
@@ -874,7 +874,7 @@ def server_answer(conn: ServerConnection, last: Any, offer: bool) -> Optional[An
     if conn.state == "OPENING":
         if type(last) is InvalidPath:
             return Error(last.error)
-        return ShmOffer(1 << 20, *RING) if offer and conn.framed else Opened()
+        return ShmOffer(1 << 20) if offer and conn.framed else Opened()
     return {"ENDED": Bye(), "REQUESTED": StatusReply({})}.get(conn.state)
 
 
@@ -1222,7 +1222,7 @@ CLIENT_FRAME_SAMPLES = {
     b"D": frame(b"D", b"bytes"),
     b"F": frame(b"F", u64(1)),
     b"A": frame(b"A"),
-    b"N": frame(b"N", b"no posix_ipc"),
+    b"N": frame(b"N", b"not sealed"),
     b"X": frame(b"X", u64(1)),
     b"Q": frame(b"Q"),
     b"R": frame(b"R"),
@@ -1276,10 +1276,38 @@ def test_an_open_version_below_2_is_not_supported(version):
     assert detail == f"protocol version {version} is not supported (need 2)"
 
 
-def test_an_open_version_above_2_is_taken():
+def test_an_open_version_above_3_is_taken_and_answered_in_version_3():
+    """(5.8) The server speaks the lower of the two versions."""
     conn = server_in("OPEN")
-    receive(conn, open_frame(PATH.encode(), version=3))
-    assert said(events_until_wait(conn)[0]) == ("Open", PATH, 0, 3)
+    receive(conn, open_frame(PATH.encode(), W.WANT_SHM, version=4))
+    assert said(events_until_wait(conn)[0]) == ("Open", PATH, W.WANT_SHM, 4)
+    assert conn.version == 3
+    assert send(conn, ShmOffer(1 << 20)) == opened_frame(W.SHM_OFFERED) + offer_frame()
+
+
+def test_a_version_2_client_is_answered_in_version_2_and_never_offered_a_sealed_ring():
+    """(5.8) A version-2 client knew only named rings: the machine refuses to offer it one,
+    and to answer it in a version above its own; OPENED version 2 with a note is its answer."""
+    conn = server_in("OPEN")
+    receive(conn, open_frame(PATH.encode(), W.WANT_SHM, version=2))
+    assert said(events_until_wait(conn)[0]) == ("Open", PATH, W.WANT_SHM, 2)
+    assert conn.version == 2
+    with pytest.raises(ProtocolError, match="^cannot offer a sealed ring to a client of version 2$"):
+        conn.send(ShmOffer(1 << 20))
+    with pytest.raises(ProtocolError, match="^cannot send OPENED of version 3 to a client of version 2$"):
+        conn.send(Opened())
+    assert conn.state == "OPENING"
+    note = "client too old for sealed rings (protocol 2)"
+    assert send(conn, Opened(note=note, version=2)) == opened_frame(0, note.encode(), version=2)
+
+
+def test_a_version_2_servers_offer_is_read_as_its_capacity_alone():
+    """(5.8) A version-3 client takes a version-2 server's OPENED; the names in its
+    SHM_OFFER are read past (the client declines such a ring, never opening a name)."""
+    conn = client_in("OPENING")
+    receive(conn, opened_frame(W.SHM_OFFERED, version=2) + frame(b"S", u64(1 << 20) + b"/r.ring\0/r.bell"))
+    assert [said(event) for event in events_until_wait(conn)] == [("Opened+offer", 1, "", 2), ("ShmOffer", 1 << 20)]
+    assert (conn.version, conn.state) == (2, "MAPPING")
 
 
 @pytest.mark.parametrize("letter", [b"F", b"X"])
@@ -1361,7 +1389,7 @@ SAMPLES = {
     "StatusRequest": StatusRequest(),
     "ReopenRequest": ReopenRequest(),
     "ShmAccept": ShmAccept(),
-    "ShmDecline": ShmDecline("no posix_ipc"),
+    "ShmDecline": ShmDecline("UnsafeRing: not sealed"),
     "Data": Data(memoryview(b"bytes")),
     "Flush": Flush(1),
     "Dropped": Dropped(1),
@@ -1369,7 +1397,7 @@ SAMPLES = {
     "Greeting": Greeting(),
     "Opened": Opened(),
     "Opened+offer": Opened(W.SHM_OFFERED),
-    "ShmOffer": ShmOffer(1 << 20, *RING),
+    "ShmOffer": ShmOffer(1 << 20),
     "Flushed": Flushed(1),
     "Written": Written(1),
     "Error": Error(OSError(errno.EIO, "Input/output error")),
@@ -1451,11 +1479,10 @@ def test_the_servers_eof_moves_a_client_to_closed_and_is_reported_once(state):
 
 MALFORMED_SERVER_FRAMES = {
     "OPENED too short": ("OPENING", frame(b"K", b"\2\0\0"), "OPENED frame too short"),
-    "OPENED of version 3": ("OPENING", frame(b"K", struct.pack("<HH", 3, 0)), "server speaks protocol version 3"),
+    "OPENED of version 4": ("OPENING", frame(b"K", struct.pack("<HH", 4, 0)), "server speaks protocol version 4"),
+    "OPENED of version 1": ("OPENING", frame(b"K", struct.pack("<HH", 1, 0)), "server speaks protocol version 1"),
     "SHM_OFFER too short": ("OFFERED", frame(b"S", b"\0" * 7), "SHM_OFFER frame too short"),
-    "SHM_OFFER with one name": ("OFFERED", frame(b"S", u64(1) + b"/ring"), "SHM_OFFER needs two names"),
-    "SHM_OFFER with an empty name": ("OFFERED", frame(b"S", u64(1) + b"/ring\0"), "SHM_OFFER needs two names"),
-    "SHM_OFFER names not UTF-8": ("OFFERED", frame(b"S", u64(1) + b"/r\xff\0/b"), "SHM_OFFER names are not UTF-8"),
+    "SHM_OFFER with names": ("OFFERED", frame(b"S", u64(1) + b"/ring\0/bell"), "SHM_OFFER of 19 bytes, expected 8"),
     "FLUSHED of 4 bytes": ("SOCKET", frame(b"f", b"\0" * 4), "expected an 8-byte payload"),
     "WRITTEN of 9 bytes": ("CLOSING", frame(b"W", b"\0" * 9), "expected an 8-byte payload"),
     "ERROR too short": ("RING", frame(b"E", b"\0" * 3), "ERROR frame too short"),

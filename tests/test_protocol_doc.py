@@ -3,14 +3,17 @@
 Every test here drives a real server over a raw Unix socket, as a C client
 would, and asserts the exact bytes the document promises. Frames are built
 and parsed by hand (struct), not with offlog.protocol, so a mistake shared by
-the code and its encoders cannot hide. Rings are mapped with posix_ipc and
-mmap directly, without offlog's Producer.
+the code and its encoders cannot hide. A ring's memfd is received with
+recvmsg (SCM_RIGHTS) and mapped with mmap directly, its doorbell posted with
+the C library's sem_post, without offlog's Producer.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -40,8 +43,8 @@ def frame(ftype: bytes, payload: bytes = b"") -> bytes:
     return ftype + struct.pack("<I", len(payload)) + payload
 
 
-def open_frame(path: bytes, flags: int = 0) -> bytes:
-    return frame(b"O", struct.pack("<HH", 2, flags) + path)
+def open_frame(path: bytes, flags: int = 0, version: int = 3) -> bytes:
+    return frame(b"O", struct.pack("<HH", version, flags) + path)
 
 
 def u64(ftype: bytes, value: int) -> bytes:
@@ -52,8 +55,8 @@ def error_frame(code: int, text: str) -> bytes:
     return frame(b"E", struct.pack("<I", code) + text.encode())
 
 
-def opened(note: bytes = NO_RING_NOTE, flags: int = 0) -> bytes:
-    return frame(b"K", struct.pack("<HH", 2, flags) + note)
+def opened(note: bytes = NO_RING_NOTE, flags: int = 0, version: int = 3) -> bytes:
+    return frame(b"K", struct.pack("<HH", version, flags) + note)
 
 
 def protocol_error(detail: str) -> bytes:
@@ -359,30 +362,44 @@ def test_the_class_table_is_pythons_errno_mapping_complete():
 
 
 # -- section 7: the ring, as a C client maps it ---------------------------------------------------
+SEALS = 0x1 | 0x2 | 0x4  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW (7.2)
+F_GET_SEALS, F_ADD_SEALS = 1034, 1033
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def read_exactly_with_fds(s: socket.socket, n: int):
+    """``n`` bytes read with recvmsg, as a client reads the answer to OPEN (7.2), and
+    the descriptors that came with them."""
+    data, fds = b"", []
+    while len(data) < n:
+        chunk, more, _, _ = socket.recv_fds(s, n - len(data), 4, socket.MSG_CMSG_CLOEXEC)
+        assert chunk, f"EOF after {data!r}"
+        data, fds = data + chunk, fds + more
+    return data, fds
+
+
 def read_offer(s: socket.socket):
-    assert read_exactly(s, len(GREETING) + 9) == GREETING + opened(b"", flags=1)
-    ftype, length = struct.unpack("<BI", read_exactly(s, 5))
-    assert ftype == ord("S")
-    body = read_exactly(s, length)
-    ring_name, bell_name = body[8:].split(b"\0")
-    return struct.unpack_from("<Q", body)[0], ring_name.decode(), bell_name.decode()
+    """(5.5, 7.2) The greeting, OPENED(SHM_OFFERED) and SHM_OFFER: (capacity, the
+    descriptors that came with them)."""
+    data, fds = read_exactly_with_fds(s, len(GREETING) + 9 + 13)
+    assert data[:16] == GREETING + opened(b"", flags=1)
+    assert data[16:21] == b"S" + struct.pack("<I", 8)
+    return struct.unpack_from("<Q", data, 21)[0], fds
 
 
 class RawRing:
-    """A ring session set up by hand (7.2): map, open the doorbell, unlink, SHM_ACCEPT."""
+    """A ring session set up by hand (7.2): receive the memfd, check it, map it, SHM_ACCEPT."""
 
     def __init__(self, sock_path: str, path: Path) -> None:
-        import posix_ipc
-
         self.sock = connect(sock_path)
         self.sock.sendall(PREAMBLE + open_frame(bytes(path), WANT_SHM))
-        self.capacity, ring_name, bell_name = read_offer(self.sock)
-        shm = posix_ipc.SharedMemory(ring_name)
-        self.map = mmap.mmap(shm.fd, shm.size)
-        shm.close_fd()
-        self.bell = posix_ipc.Semaphore(bell_name)
-        posix_ipc.unlink_shared_memory(ring_name)
-        self.bell.unlink()
+        self.capacity, (fd,) = read_offer(self.sock)
+        try:
+            assert fcntl.fcntl(fd, F_GET_SEALS) & SEALS == SEALS
+            assert os.fstat(fd).st_size == 256 + self.capacity
+            self.map = mmap.mmap(fd, 256 + self.capacity)
+        finally:
+            os.close(fd)
         self.words = memoryview(self.map)[:256].cast("Q")
         self.head = 0
         self.sock.sendall(frame(b"A"))
@@ -392,13 +409,63 @@ class RawRing:
         self.map[pos : pos + len(data)] = data
         self.head += len(data)
         self.words[8] = self.head
-        self.bell.release()  # whatever STATE says: an extra post is only a spurious wakeup (7.7)
+        self.post()  # whatever STATE says: an extra post is only a spurious wakeup (7.7)
+
+    def post(self) -> None:
+        doorbell = ctypes.c_char.from_buffer(self.map, 192)
+        assert LIBC.sem_post(ctypes.byref(doorbell)) == 0
+        del doorbell
 
     def close(self) -> None:
         self.words.release()
         self.map.close()
-        self.bell.close()
         self.sock.close()
+
+
+def test_the_offer_carries_one_sealed_memfd_that_nobody_can_resize(shm_server, workdir):
+    """(7.2, 7.3) One descriptor with the offer: a memfd of exactly 256 + capacity bytes,
+    sealed; shrinking, growing and new seals fail with EPERM; its header is written."""
+    with connect(shm_server.sock) as s:
+        s.sendall(PREAMBLE + open_frame(bytes(workdir / "a.log"), WANT_SHM))
+        capacity, fds = read_offer(s)
+        assert capacity == 4 * 1024 * 1024 and len(fds) == 1
+        (fd,) = fds
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:offlog-ring")
+            assert fcntl.fcntl(fd, F_GET_SEALS) == SEALS
+            assert os.fstat(fd).st_size == 256 + capacity
+            for size in (0, 256, 256 + capacity + 4096):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(fd, size)
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(fd, F_ADD_SEALS, 0x8)  # F_SEAL_WRITE
+            with mmap.mmap(fd, 256) as header:
+                words = memoryview(header).cast("Q")
+                assert words[:4].tolist() == [int.from_bytes(b"OFFLOGR2", "little"), 2, capacity, 256]
+                assert words[8] == words[16] == words[17] == 0
+                words.release()
+        finally:
+            os.close(fd)
+        s.sendall(frame(b"N", b"only looking"))
+        s.shutdown(socket.SHUT_WR)
+        assert read_all(s) == frame(b"B")
+    shm_server.wait_log("client could not use the ring: only looking")
+
+
+def test_a_version_2_client_gets_no_ring_and_a_socket_session(shm_server, workdir):
+    """(5.8) OPEN version 2 with WANT_SHM: OPENED version 2, no offer, the note says why."""
+    target = workdir / "a.log"
+    note = b"client too old for sealed rings (protocol 2)"
+    with connect(shm_server.sock) as s:
+        s.sendall(PREAMBLE + open_frame(bytes(target), WANT_SHM, version=2))
+        answer = GREETING + opened(note, version=2)
+        assert read_exactly_with_fds(s, len(answer)) == (answer, [])
+        s.sendall(frame(b"D", b"old\n") + u64(b"F", 1))
+        assert read_exactly(s, 13) == u64(b"f", 1)
+        s.shutdown(socket.SHUT_WR)
+        assert read_all(s) == frame(b"B")
+    assert target.read_bytes() == b"old\n"
+    assert f"transport: socket ({note.decode()})" in shm_server.output()
 
 
 def test_a_ring_write_error_fails_state_before_the_bytes_tail(shm_server):
@@ -509,11 +576,11 @@ def test_the_worked_example_is_what_the_connection_machines_say():
     server.receive_data(to_server)
     assert server.next_event() == P.Preamble()
     to_client = server.send(P.Greeting())
-    assert server.next_event() == P.Open("/tmp/app.log", 0, 2)
+    assert server.next_event() == P.Open("/tmp/app.log", 0, 3)
     to_client += server.send(P.Opened(note="server started without --shm"))
     client.receive_data(to_client)
     assert client.next_event() == P.Greeting()
-    assert client.next_event() == P.Opened(0, "server started without --shm", 2)
+    assert client.next_event() == P.Opened(0, "server started without --shm", 3)
     more = client.send(P.Data(memoryview(b"hello\n"))) + client.send(P.Flush(1))
     client.send(P.EndOfData())
     to_server += more

@@ -1,4 +1,4 @@
-"""The shared-memory fast path: ring correctness, negotiation, hostile headers, kills, hygiene."""
+"""The shared-memory fast path: ring correctness, negotiation, sealed rings, hostile peers, kills, hygiene."""
 
 from __future__ import annotations
 
@@ -12,10 +12,19 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Tuple
 
 import pytest
 import ringcheck
-from support import ServerProcess, child_env, client_script, shm_objects, wait_for
+from support import (
+    ServerProcess,
+    child_env,
+    client_script,
+    dev_shm_in_use,
+    ring_mappings,
+    shm_objects,
+    wait_for,
+)
 
 import offlog
 from offlog.shm import layout
@@ -114,10 +123,10 @@ def private_dev_shm():
         pytest.fail(f"unshare -m with a tmpfs mount is needed for this test (run as root): {result.stderr}")
 
 
-def _socket_only_in_a_16k_dev_shm(procs, workdir, *options: str) -> str:
+def _server_in_a_16k_dev_shm(procs, workdir, *options: str) -> Tuple[str, str]:
     """Start a --shm server (with ``options``) whose /dev/shm is a 16 KiB tmpfs,
-    check that a client gets the socket and loses nothing, stop the server;
-    return what it logged."""
+    let a client write through whatever transport it gets, stop the server;
+    return the transport and what the server logged."""
     sock = str(workdir / "small.sock")
     cmd = 'mount -t tmpfs -o size=16k tmpfs /dev/shm && exec "$0" -m offlog --shm "$@"'
     out = open(workdir / "server.out", "wb")
@@ -131,33 +140,78 @@ def _socket_only_in_a_16k_dev_shm(procs, workdir, *options: str) -> str:
     out.close()
     wait_for(lambda: os.path.exists(sock), what="server socket")
     f = offlog.ProxyFile(str(workdir / "a.log"), sock)
-    assert f.transport == "socket"
+    transport = f.transport
     f.write(b"still written\n")
     f.close()
     assert (workdir / "a.log").read_bytes() == b"still written\n"
     server.send_signal(signal.SIGTERM)
     server.wait(30)
-    return (workdir / "server.out").read_text()
+    return transport, (workdir / "server.out").read_text()
 
 
-def test_full_dev_shm_falls_back_to_the_socket(procs, workdir, private_dev_shm):
-    """No 4 MiB ring fits in a 16 KiB /dev/shm: creating it fails, clients get the socket.
-    (--max-ring-memory is raised past /dev/shm's size so that the creation is tried.)"""
-    assert "could not create the ring" in _socket_only_in_a_16k_dev_shm(procs, workdir, "--max-ring-memory", "1G")
+def test_a_full_dev_shm_does_not_stop_rings(procs, workdir, private_dev_shm):
+    """Rings are memfds, not files in /dev/shm: a 4 MiB ring is made beside a 16 KiB
+    /dev/shm (--max-ring-memory is raised past /dev/shm's size, the default's base)."""
+    transport, logged = _server_in_a_16k_dev_shm(procs, workdir, "--max-ring-memory", "1G")
+    assert transport == "shm", logged
 
 
 def test_the_default_ring_memory_cap_is_half_of_dev_shm(procs, workdir, private_dev_shm):
     """Without --max-ring-memory the cap is half of /dev/shm (8 KiB here): the server
     offers no ring it could not hold, and says why."""
-    logged = _socket_only_in_a_16k_dev_shm(procs, workdir)
+    transport, logged = _server_in_a_16k_dev_shm(procs, workdir)
+    assert transport == "socket"
     assert "ring memory limit reached (0 bytes in rings, --max-ring-memory 8192)" in logged
 
 
-def test_client_that_cannot_open_the_objects_falls_back(shm_server, workdir, procs, private_dev_shm):
-    """A client with its own /dev/shm (as if another user) cannot open the ring: socket it is."""
+def test_a_ring_the_server_cannot_allocate_leaves_the_client_on_the_socket(procs, workdir):
+    """The server's file size limit (RLIMIT_FSIZE, 1 MiB) is below a 4 MiB ring: sizing
+    the memfd fails, the client gets the socket and the note says why."""
+    sock = str(workdir / "limited.sock")
+    out = open(workdir / "server.out", "wb")
+    server = procs.start(
+        ["prlimit", "--fsize=1048576", sys.executable, "-m", "offlog", "--shm", "-s", sock],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=str(workdir),
+        env=child_env(),
+    )
+    out.close()
+    wait_for(lambda: os.path.exists(sock), what="server socket")
+    f = offlog.ProxyFile(str(workdir / "a.log"), sock)
+    assert f.transport == "socket"
+    f.write(b"via the socket\n")
+    f.close()
+    assert (workdir / "a.log").read_bytes() == b"via the socket\n"
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    logged = (workdir / "server.out").read_text()
+    assert "transport: socket (could not create the ring: [Errno 27] File too large)" in logged
+
+
+# -- sealed rings: nothing named, nothing a client can resize -------------------------------------------
+def test_a_ring_session_puts_nothing_in_dev_shm(shm_server, workdir):
+    """Rings are memfds passed over the socket: while five ring sessions run, nothing of
+    offlog's is in /dev/shm and neither side holds anything there."""
+    files = [offlog.ProxyFile(str(workdir / f"{i}.log"), shm_server.sock, shm=True) for i in range(5)]
+    for f in files:
+        f.write(b"ok\n")
+        f.sync()
+    assert shm_objects([shm_server.pid]) == set()
+    assert dev_shm_in_use(shm_server.pid) == dev_shm_in_use(os.getpid()) == set()
+    assert ring_mappings(shm_server.pid) == 5
+    for f in files:
+        f.close()
+    wait_for(lambda: ring_mappings(shm_server.pid) == 0, what="the server to unmap the rings")
+    assert all((workdir / f"{i}.log").read_bytes() == b"ok\n" for i in range(5))
+
+
+def test_a_client_in_a_mount_namespace_of_its_own_gets_its_ring(shm_server, workdir, procs, private_dev_shm):
+    """A client whose /dev/shm is not the server's (a container, say) maps its ring: a
+    ring needs no shared file system."""
     code = (
         "import offlog, sys; f = offlog.ProxyFile(sys.argv[1], sys.argv[2]); print(f.transport); "
-        "f.write(b'via the socket\\n'); f.close()"
+        "f.write(b'through the ring\\n'); f.close()"
     )
     cmd = 'mount -t tmpfs tmpfs /dev/shm && exec "$0" -c "$1" "$2" "$3"'
     proc = procs.start(
@@ -170,17 +224,8 @@ def test_client_that_cannot_open_the_objects_falls_back(shm_server, workdir, pro
     )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    assert out.strip() == "socket"
-    assert (workdir / "b.log").read_bytes() == b"via the socket\n"
-    assert "client could not use the ring" in shm_server.output()
-
-
-def test_nothing_is_left_in_dev_shm_after_the_handshake(shm_server, workdir):
-    files = [offlog.ProxyFile(str(workdir / f"{i}.log"), shm_server.sock, shm=True) for i in range(5)]
-    assert shm_objects([shm_server.pid]) == set(), "ring objects must be unlinked once both sides hold them"
-    for f in files:
-        f.write(b"ok\n")
-        f.close()
+    assert out.strip() == "shm"
+    assert (workdir / "b.log").read_bytes() == b"through the ring\n"
 
 
 # -- hostile headers -------------------------------------------------------------------------
@@ -226,7 +271,7 @@ def signal_every_thread(pid: int, signum: int) -> None:
 
 def test_a_signal_on_a_sleeping_ring_session_only_wakes_it(shm_server, workdir):
     """SIGHUP to every server thread while the ring session sleeps on its doorbell
-    (its wait ends with a SignalError): the session sleeps again and loses nothing."""
+    (its futex wait ends with EINTR): the session sleeps again and loses nothing."""
     target = workdir / "woken.log"
     f = offlog.ProxyFile(str(target), shm_server.sock, shm=True)
     f.write(b"before\n")
@@ -298,6 +343,7 @@ except Exception:
 
 
 def test_kills_of_clients_and_servers_leave_dev_shm_as_it_was(procs, workdir):
+    """Rings have no names, so no kill at any moment can leave one behind."""
     rng = random.Random(1234)
     sock = str(workdir / "chaos.sock")
     pids = []
@@ -322,7 +368,6 @@ def test_kills_of_clients_and_servers_leave_dev_shm_as_it_was(procs, workdir):
         for c in clients:
             c.send_signal(signal.SIGKILL)
             c.wait()
-    # The next server start sweeps whatever a killed server left behind.
     final = ServerProcess(procs, workdir, "--shm", sock=sock).start()
     pids.append(final.pid)
     f = offlog.ProxyFile(str(workdir / "last.log"), sock, shm=True)
@@ -331,11 +376,11 @@ def test_kills_of_clients_and_servers_leave_dev_shm_as_it_was(procs, workdir):
     assert shm_objects(pids) == set()
 
 
-NO_POSIX_IPC = "import sys; sys.modules['posix_ipc'] = None  # as if it were not installed\n"
+NO_CTYPES = "import sys; sys.modules['ctypes'] = None  # as if Python had been built without it\n"
 
 
-def test_client_without_posix_ipc_uses_the_socket(shm_server, workdir, procs):
-    code = NO_POSIX_IPC + (
+def test_client_without_ctypes_uses_the_socket(shm_server, workdir, procs):
+    code = NO_CTYPES + (
         "import offlog\n"
         f"f = offlog.ProxyFile({str(workdir / 'n.log')!r}, {shm_server.sock!r})\n"
         "print(f.transport)\n"
@@ -349,26 +394,6 @@ def test_client_without_posix_ipc_uses_the_socket(shm_server, workdir, procs):
     proc = client_script(procs, workdir, code)
     assert proc.returncode == 0, proc.stderr_text
     transport, required = proc.stdout_text.splitlines()
-    assert transport == "socket" and "posix_ipc is not installed" in required
+    assert transport == "socket" and "ctypes is not available" in required
     assert (workdir / "n.log").read_bytes() == b"over the socket\n"
-    assert "transport: socket (client has no posix_ipc)" in shm_server.output()
-
-
-def test_server_without_posix_ipc_offers_no_ring(procs, workdir):
-    sock = str(workdir / "plain.sock")
-    code = NO_POSIX_IPC + f"from offlog.__main__ import main; sys.exit(main(['-s', {sock!r}, '--shm']))"
-    out = open(workdir / "server.out", "wb")
-    server = procs.start(
-        [sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, cwd=str(workdir), env=child_env()
-    )
-    out.close()
-    wait_for(lambda: os.path.exists(sock), what="server socket")
-    f = offlog.ProxyFile(str(workdir / "p.log"), sock)
-    assert f.transport == "socket"
-    f.write(b"fine\n")
-    f.close()
-    server.send_signal(signal.SIGTERM)
-    assert server.wait(30) == 0
-    log = (workdir / "server.out").read_text()
-    assert "Shared memory disabled: posix_ipc is not installed" in log
-    assert "transport: socket (posix_ipc is not installed)" in log
+    assert "transport: socket (client cannot map rings)" in shm_server.output()

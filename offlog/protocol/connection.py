@@ -25,8 +25,13 @@ Rules
    ``Data``) and the framed dialect. Which one is spoken shows in
    :attr:`framed`; the states and tables are the same, the bytes differ.
 4. Messages that the 0.x dialect has no form for (FLUSH, WRITTEN, a ring
-   offer, ...) are a ProtocolError to send on a 0.x connection.
-5. Hot paths may bypass :meth:`send` for DATA (the client's socket write
+   offer, ...) are a ProtocolError to send on a 0.x connection; so is a ring
+   offer to a framed client of version 2 (it knew only named rings), and an
+   OPENED of a version above the client's (5.8).
+5. The ring's memory travels beside the bytes (SCM_RIGHTS, attached to the
+   bytes of SHM_OFFER): a machine says and reads the offer's bytes only; its
+   owner sends and receives the descriptor.
+6. Hot paths may bypass :meth:`send` for DATA (the client's socket write
    packs its header with :func:`~offlog.protocol.wire.data_header`): a DATA
    sent in SOCKET keeps the state SOCKET, so skipping the table changes
    nothing but the cost (about 0.3 us a call).
@@ -170,6 +175,9 @@ class _Connection:
         self.state = state
         #: True: framed dialect; False: 0.x; None: not known yet.
         self.framed: Optional[bool] = None
+        #: The framed version both sides speak: the client's (server side, from OPEN;
+        #: at most VERSION) or the server's (client side, from OPENED); None until known.
+        self.version: Optional[int] = None
         self._raw = b""  # bytes before the frames start (preamble, 0.x path or replies)
         self._frames = W.FrameReader(peer_frames)
         self._ready: Deque[W.Frame] = deque()
@@ -334,8 +342,9 @@ class ServerConnection(_Connection):
             version, flags, path = W.decode_open(payload)
         except ValueError as exc:  # a bad path: an open error, answered as such
             return E.InvalidPath(exc)
-        if version < W.VERSION:
-            raise ProtocolError(f"protocol version {version} is not supported (need {W.VERSION})")
+        if version < W.OLDEST_VERSION:
+            raise ProtocolError(f"protocol version {version} is not supported (need {W.OLDEST_VERSION})")
+        self.version = min(version, W.VERSION)
         return E.Open(path, flags, version)
 
     # -- sending ----------------------------------------------------------------
@@ -344,21 +353,33 @@ class ServerConnection(_Connection):
         owed_greeting = self.state == "GREETING" and type(event) is E.Error
         if self.framed is False and type(event) not in _LEGACY_REPLIES:
             raise self._no_legacy_form(event)
+        if self.framed:
+            self._check_version(event)
         self._sending(event)
         if self.framed:
-            data = _server_frames(event)
+            data = _server_frames(event, self.version)
             return W.SERVER_PREAMBLE + data if owed_greeting else data
         return _legacy_reply(event)
 
+    def _check_version(self, event: Any) -> None:
+        """5.8: no OPENED above the client's version, no sealed ring to a version-2 client."""
+        kind = type(event)
+        if E.key(event) not in self.SENDS.get(self.state, {}) or self.version is None:
+            return  # the table's refusal (or nothing to check yet) comes first
+        if kind is E.Opened and event.version > self.version:
+            raise ProtocolError(f"cannot send OPENED of version {event.version} to a client of version {self.version}")
+        if kind is E.ShmOffer and self.version < W.SEALED_RINGS:
+            raise ProtocolError(f"cannot offer a sealed ring to a client of version {self.version}")
 
-def _server_frames(event: Any) -> bytes:
+
+def _server_frames(event: Any, version: Optional[int]) -> bytes:
     kind = type(event)
     if kind is E.Greeting:
         return W.SERVER_PREAMBLE
     if kind is E.Opened:
         return W.encode_opened(event.flags, event.note, event.version)
     if kind is E.ShmOffer:
-        return W.encode_opened(W.SHM_OFFERED) + W.encode_offer(event.capacity, event.shm_name, event.sem_name)
+        return W.encode_opened(W.SHM_OFFERED, version=version or W.VERSION) + W.encode_offer(event.capacity)
     if kind is E.Flushed:
         return W.encode_u64(W.FLUSHED, event.token)
     if kind is E.Written:
@@ -487,11 +508,14 @@ class ClientConnection(_Connection):
                 event = E.Error(W.decode_error(payload))
             elif name == "Opened":
                 version, flags, note = W.decode_opened(payload)
-                if version != W.VERSION:
-                    raise ProtocolError(f"server speaks protocol version {version}, this client {W.VERSION}")
+                if not W.OLDEST_VERSION <= version <= W.VERSION:
+                    raise ProtocolError(
+                        f"server speaks protocol version {version}, this client {W.OLDEST_VERSION} to {W.VERSION}"
+                    )
+                self.version = version
                 event = E.Opened(flags, note, version)
             elif name == "ShmOffer":
-                event = E.ShmOffer(*W.decode_offer(payload))
+                event = E.ShmOffer(W.decode_offer(payload, self.version or W.VERSION))
             elif name == "StatusReply":
                 event = E.StatusReply(_json_object(payload, "STATUS_REPLY"))
             elif name == "Reopened":

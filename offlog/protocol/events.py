@@ -109,11 +109,10 @@ class Opened(NamedTuple):
 
 
 class ShmOffer(NamedTuple):
-    """SHM_OFFER; the server sends it as OPENED(SHM_OFFERED) + SHM_OFFER."""
+    """SHM_OFFER; the server sends it as OPENED(SHM_OFFERED) + SHM_OFFER, with the
+    ring's memfd attached to those bytes (its owner's business, not the machine's)."""
 
     capacity: int
-    shm_name: str
-    sem_name: str
 
 
 class Flushed(NamedTuple):

@@ -15,7 +15,7 @@ Two dialects share one Unix stream socket:
   closes). When the client shuts down its write side, the server writes
   everything and answers ``BYE\\0``. Record boundaries are not visible.
 
-* **Framed (offlog/2)**: the client sends ``\\0OFFLOG\\0`` first. A 0.x server
+* **Framed**: the client sends ``\\0OFFLOG\\0`` first. A 0.x server
   reads the empty path, fails to open it without touching the disk, replies
   with an error and closes: the client notices the missing ``OFFLOG\\0``
   greeting and reconnects in the legacy dialect. A current server answers
@@ -65,7 +65,12 @@ CLIENT_PREAMBLE = b"\0OFFLOG\0"
 #: First bytes of a framed server's answer to CLIENT_PREAMBLE.
 SERVER_PREAMBLE = b"OFFLOG\0"
 #: The framed protocol version this module speaks.
-VERSION = 2
+VERSION = 3
+#: The oldest version a peer may speak: a version-2 client gets no ring (its offer
+#: named shared-memory objects; version 3 passes a sealed memfd), otherwise the same.
+OLDEST_VERSION = 2
+#: The first version whose SHM_OFFER passes the ring's memory as a descriptor.
+SEALED_RINGS = 3
 
 FRAME_HEADER = struct.Struct("<BI")
 #: Largest payload of one frame. Bigger writes are split by the client and so
@@ -76,7 +81,7 @@ MAX_PAYLOAD = 64 * 1024 * 1024
 OPEN = ord("O")  # u16 version, u16 flags, path bytes (absolute, no NUL)
 DATA = ord("D")  # bytes to append, written with one system call
 FLUSH = ord("F")  # u64 token: answer FLUSHED once everything before is written
-SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring and doorbell
+SHM_ACCEPT = ord("A")  # empty: the client has mapped the ring
 SHM_DECLINE = ord("N")  # utf-8 reason: the client could not use the offer
 DROPPED = ord("X")  # u64: bytes this client has dropped so far (its backlog was full)
 STATUS = ord("Q")  # empty, instead of OPEN: ask for the server's status
@@ -84,7 +89,7 @@ REOPEN = ord("R")  # empty, instead of OPEN: reopen every file, answer REOPENED 
 
 # Server -> client frame types.
 OPENED = ord("K")  # u16 version, u16 flags, utf-8 note (why no ring)
-SHM_OFFER = ord("S")  # u64 capacity, shm name, NUL, semaphore name
+SHM_OFFER = ord("S")  # u64 capacity; the ring's memfd rides along (SCM_RIGHTS)
 FLUSHED = ord("f")  # u64 token
 ERROR = ord("E")  # u32 errno (0: none), utf-8 "<ExceptionClass>: <message>"
 BYE = ord("B")  # empty: every byte of the client's is written; closing
@@ -98,7 +103,7 @@ SERVER_FRAMES = frozenset({OPENED, SHM_OFFER, FLUSHED, ERROR, BYE, STATUS_REPLY,
 # OPEN flags.
 WANT_SHM = 1 << 0  # the client would like a shared-memory ring
 FSYNC = 1 << 1  # fsync the file before answering FLUSHED
-NO_SHM_SUPPORT = 1 << 2  # the client cannot map a ring (no posix_ipc)
+NO_SHM_SUPPORT = 1 << 2  # the client cannot map a ring (not Linux x86-64 with glibc, no ctypes)
 
 # OPENED flags.
 SHM_OFFERED = 1 << 0  # a SHM_OFFER frame follows
@@ -212,23 +217,20 @@ def decode_opened(payload: bytes) -> Tuple[int, int, str]:
     return version, flags, payload[_OPEN.size :].decode("utf-8", "replace")
 
 
-def encode_offer(capacity: int, shm_name: str, sem_name: str) -> bytes:
-    body = _U64.pack(capacity) + shm_name.encode() + NUL + sem_name.encode()
-    return frame(SHM_OFFER, body)
+def encode_offer(capacity: int) -> bytes:
+    """SHM_OFFER: the capacity; the sender attaches the ring's descriptor to these bytes."""
+    return frame(SHM_OFFER, _U64.pack(capacity))
 
 
-def decode_offer(payload: bytes) -> Tuple[int, str, str]:
+def decode_offer(payload: bytes, version: int = VERSION) -> int:
+    """SHM_OFFER's capacity. A version-2 server's offer goes on with the names of
+    its shared-memory objects, which are read past and never used."""
     payload = bytes(payload)
     if len(payload) < _U64.size:
         raise ProtocolError("SHM_OFFER frame too short")
-    (capacity,) = _U64.unpack_from(payload)
-    names = payload[_U64.size :].split(NUL)
-    if len(names) != 2 or not all(names):
-        raise ProtocolError("SHM_OFFER needs two names")
-    try:
-        return capacity, names[0].decode(), names[1].decode()
-    except UnicodeDecodeError:
-        raise ProtocolError("SHM_OFFER names are not UTF-8") from None
+    if version >= SEALED_RINGS and len(payload) != _U64.size:
+        raise ProtocolError(f"SHM_OFFER of {len(payload)} bytes, expected 8 (the capacity)")
+    return _U64.unpack_from(payload)[0]
 
 
 def encode_u64(ftype: int, value: int) -> bytes:

@@ -1,97 +1,266 @@
-"""The named objects behind one ring: a POSIX shared-memory object and a semaphore.
+"""The memory and the doorbell behind one ring: a sealed memfd with a semaphore in it.
 
 Theory of operation
 -------------------
-The server creates and names every object (``/offlog.<server pid>.<random>``,
-``O_CREAT | O_EXCL``, mode 0600) and never opens a name a client chose. It
-reserves the memory with ``posix_fallocate`` so a full ``/dev/shm`` fails the
-offer (and the client falls back to the socket) instead of killing either
-process with SIGBUS on first touch. The client opens both names and unlinks
-them at once; the server unlinks them again when the client accepts or
-declines, or its connection ends. After the handshake nothing is left in
-``/dev/shm``.
+The server creates each ring as an anonymous memory file (``memfd_create``),
+sizes it to the header plus the capacity, reserves its pages
+(``posix_fallocate``: a shortage fails the offer, and the client gets the
+socket, instead of a SIGBUS at first touch) and seals it against shrinking
+and growing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``) before anyone
+maps it. A sealed size is a size nobody can change: ``ftruncate`` of the
+ring, by the client or anyone it hands the descriptor to, fails with EPERM,
+so no process can pull pages out from under another's mapping (which is
+what SIGBUS is). The descriptor travels to the client over the control
+socket (SCM_RIGHTS, with the offer). Nothing has a name: nothing appears in
+/dev/shm, nothing needs unlinking or sweeping after a kill, and a client of
+another user maps its ring like any other.
 
-The only window in which a name can outlive its users is a server killed
-between creating the objects and the client opening them. Every server start
-runs :func:`sweep_stale`, which unlinks objects named after a server pid that
-is no longer alive.
+The client trusts nothing it is handed: before it maps anything,
+:class:`ClientRing` checks that the descriptor carries those three seals and
+exactly the offered size, and raises :class:`UnsafeRing` otherwise (the
+client declines the offer and stays on the socket). It never opens, unlinks
+or maps anything a server merely names.
+
+The doorbell is a POSIX semaphore inside the header
+(:data:`~offlog.shm.layout.DOORBELL_OFFSET`): an unnamed, process-shared
+``sem_t`` that the server initialises with ``sem_init(sem, 1, 0)`` and the
+client posts with ``sem_post``, both through ctypes. The server never calls
+the C library's waiting or posting functions on it, because glibc's take the
+futex flags from the semaphore's own bytes, and a futex call with flags a
+client scribbled there makes glibc abort the whole process ("The futex
+facility returned an unexpected error code"). So the server, whose ring any
+client can write, touches only the semaphore's two 32-bit words (the value
+and the waiter count, in glibc's layout) and makes the futex system call
+itself, with flags of its own:
+
+* waiting (:meth:`ServerRing.wait`): a non-zero value is taken whole (set to
+  0: a post means "look", the count does not matter); otherwise the server
+  counts itself a waiter (``sem_post`` wakes only a semaphore with waiters),
+  sleeps in ``FUTEX_WAIT`` while the value is 0, for at most the timeout,
+  and takes what came;
+* posting its own news (:meth:`ServerRing.ring_doorbell`: the control
+  socket, a stop): value + 1, then ``FUTEX_WAKE``.
+
+These are plain loads and stores racing the client's atomic ``sem_post``.
+Every interleaving leaves the value non-zero after a post until the server
+takes it, except that a take can swallow a post that landed between its load
+and its store; the consumer then looks at HEAD and the control socket right
+after that take, and :mod:`offlog.shm.ring` argues why such a look is late
+by a store buffer's drain at most. Whatever a client writes into the
+semaphore, the server's calls return an error or a wrong wake-up, never an
+abort; the wrong wake-ups cost the server what the client's writes cost the
+client. The client's ``sem_post`` does read flags the server wrote: only a
+server the client trusts (``offlog.trust``) gets that far.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import mmap
 import os
 import platform
-import re
-import secrets
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 from . import layout
 from .ring import Consumer, Producer
 
 try:
-    import posix_ipc
-except ImportError:  # the socket transport works without it
-    posix_ipc = None
+    import ctypes
+except ImportError:  # a Python built without libffi: the socket transport works without it
+    ctypes = None  # type: ignore[assignment]
 
-SHM_DIR = "/dev/shm"
 #: The client maps every page up front: a first-touch page fault (~1-2 us) per
 #: 4 KiB would otherwise land on the hot path during the ring's first lap.
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0x8000 if sys.platform.startswith("linux") else 0)
-_NAME = re.compile(r"^(?:sem\.)?offlog\.(\d+)\.[0-9a-f]+\.(?:ring|bell)$")
+
+# File seals (Linux's numbers, which fcntl lacks only off Linux, where rings are not offered).
+F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+F_SEAL_SEAL = getattr(fcntl, "F_SEAL_SEAL", 0x1)
+F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x2)
+F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
+#: The seals of every ring, set before it is mapped and checked before the client maps it.
+SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+
+MAP_FAILED = (1 << 64) - 1  # (void *) -1
+SYS_FUTEX = 202  # x86-64, the only machine rings are offered on
+FUTEX_WAIT = 0  # both without FUTEX_PRIVATE_FLAG: the futex is shared between processes
+FUTEX_WAKE = 1
+SEM_VALUE_MAX = 0x7FFFFFFF
+
+
+class UnsafeRing(ValueError):
+    """Offered ring memory that the client must not map (not sealed, or not the size offered)."""
 
 
 def unsupported_reason() -> Optional[str]:
     """Why this process cannot use a ring, or None if it can."""
-    if posix_ipc is None:
-        return "posix_ipc is not installed"
     if not sys.platform.startswith("linux"):
         return f"rings are supported on Linux only, not {sys.platform}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the ring's ordering argument needs x86-64 (TSO, atomic 8-byte access), not {platform.machine()}"
+    if ctypes is None:
+        return "ctypes is not available (the doorbell is a semaphore called through it)"
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError):
+        libc = ""
+    if not libc.startswith("glibc "):
+        return "rings need glibc (the doorbell is its sem_t), not this C library"
+    return _probe()
+
+
+@functools.cache
+def _probe() -> Optional[str]:
+    """Make a small sealed ring's memory and use its semaphore as a ring would: why
+    that fails here (an old kernel, a semaphore laid out otherwise), or None."""
+    try:
+        fd = _sealed_memory(layout.HEADER_SIZE)
+        try:
+            memory, address = _map(fd, layout.HEADER_SIZE, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"sealed memfds are not available: {exc}"
+    with memory, memory[layout.DOORBELL_OFFSET : layout.DOORBELL_OFFSET + 8].cast("I") as bell:
+        sem = address + layout.DOORBELL_OFFSET
+        libc = _libc()
+        before = (libc.sem_init(sem, 1, 0), bell[layout.BELL_VALUE], bell[layout.BELL_WAITERS])
+        libc.sem_post(sem)
+        if before != (0, 0, 0) or bell[layout.BELL_VALUE] != 1:
+            return "the C library's sem_t is not laid out as the ring's doorbell needs"
     return None
 
 
-def _unlink(kind, name: str) -> None:
+class _CLibrary:
+    """The C library calls a ring needs, with their argument types."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.mmap = libc.mmap
+        self.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        self.mmap.restype = ctypes.c_void_p
+        self.munmap = libc.munmap
+        self.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self.munmap.restype = ctypes.c_int
+        self.sem_init = libc.sem_init
+        self.sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+        self.sem_init.restype = ctypes.c_int
+        self.sem_post = libc.sem_post
+        self.sem_post.argtypes = [ctypes.c_void_p]
+        self.sem_post.restype = ctypes.c_int
+        self.syscall = libc.syscall
+        self.syscall.argtypes = [
+            ctypes.c_long, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint
+        ]
+        self.syscall.restype = ctypes.c_long
+
+        class Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+        self.Timespec = Timespec
+
+    def futex_wait(self, address: int, timeout: float) -> None:
+        """Sleep while the u32 at ``address`` is 0, at most ``timeout`` seconds. Every
+        outcome (woken, a value that moved, the timeout, a signal) returns; the caller
+        looks at the value again."""
+        seconds = int(timeout)
+        delay = self.Timespec(seconds, int((timeout - seconds) * 1e9))
+        self.syscall(SYS_FUTEX, address, FUTEX_WAIT, 0, ctypes.byref(delay), None, 0)
+
+    def futex_wake(self, address: int) -> None:
+        self.syscall(SYS_FUTEX, address, FUTEX_WAKE, 1, None, None, 0)
+
+
+@functools.cache
+def _libc() -> _CLibrary:
+    return _CLibrary()
+
+
+def _map(fd: int, size: int, flags: int) -> Tuple[memoryview, int]:
+    """Map ``size`` bytes of ``fd`` read-write: a byte view and its address. The
+    mapping holds no descriptor (Python's mmap would keep a copy of ``fd`` open as
+    long as it lives) and goes when the last view of it is released."""
+    libc = _libc()
+    address = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if address is None or address == MAP_FAILED:
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot map the ring: {os.strerror(code)}")
+    mapping = type("Mapping", (ctypes.c_ubyte * size,), {"__del__": _unmap}).from_address(address)
+    return memoryview(mapping).cast("B"), address
+
+
+def _unmap(mapping: Any) -> None:
+    """The last view of a mapping is gone: unmap it."""
+    _libc().munmap(ctypes.addressof(mapping), ctypes.sizeof(mapping))
+
+
+def _sealed_memory(size: int) -> int:
+    """A new memfd of ``size`` bytes, its pages reserved, sealed against any change of size."""
+    fd = os.memfd_create("offlog-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        kind(name)
-    except posix_ipc.ExistentialError:
-        pass
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+        fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_sealed(fd: int, size: int) -> None:
+    """Raise UnsafeRing unless ``fd`` is memory sealed against shrinking, growing and
+    further seals, of exactly ``size`` bytes: what a client maps without risking SIGBUS."""
+    try:
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError as exc:
+        raise UnsafeRing(f"the offered ring is not sealable memory ({exc.strerror})") from None
+    if seals & SEALS != SEALS:
+        raise UnsafeRing(f"the offered ring is not sealed against resizing (seals {seals:#x}, need {SEALS:#x})")
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise UnsafeRing(f"the offered ring has {actual} bytes, expected {size}")
 
 
 class ServerRing:
-    """Server side: creates the objects and consumes the ring."""
+    """Server side: creates the sealed memory and its doorbell, consumes the ring.
+
+    ``fd`` is the descriptor that the offer passes to the client; once it is
+    sent, :meth:`close_fd` gives up the server's copy (the mapping stays).
+    """
 
     def __init__(self, capacity: int) -> None:
         layout.check_capacity(capacity)
-        base = f"/offlog.{os.getpid()}.{secrets.token_hex(8)}"
-        self.shm_name, self.sem_name = base + ".ring", base + ".bell"
         self.capacity = capacity
         size = layout.mapping_size(capacity)
-        memory = posix_ipc.SharedMemory(self.shm_name, posix_ipc.O_CREX, mode=0o600)
+        self.fd = _sealed_memory(size)
+        self._map: Optional[memoryview] = None
+        self._bell: Optional[memoryview] = None
+        self.consumer: Optional[Consumer] = None
         try:
-            os.posix_fallocate(memory.fd, 0, size)
-            self._map = mmap.mmap(memory.fd, size)  # the consumer's faults cost no client anything
-            self.sem = posix_ipc.Semaphore(self.sem_name, posix_ipc.O_CREX, mode=0o600)
+            self._map, address = _map(self.fd, size, mmap.MAP_SHARED)  # the consumer's faults cost no client anything
+            self._bell = self._map[layout.DOORBELL_OFFSET : layout.DOORBELL_OFFSET + 8].cast("I")
+            self._value = address + layout.DOORBELL_OFFSET  # the semaphore, and its value: the futex word
+            if _libc().sem_init(self._value, 1, 0):
+                raise OSError(ctypes.get_errno(), f"sem_init: {os.strerror(ctypes.get_errno())}")
+            self.consumer = Consumer(self._map, capacity)  # writes the header, MAGIC last
         except BaseException:
-            self.unlink()
+            self.close()
             raise
-        finally:
-            memory.close_fd()
-        self.consumer = Consumer(self._map, capacity)
 
-    def unlink(self) -> None:
-        _unlink(posix_ipc.unlink_shared_memory, self.shm_name)
-        _unlink(posix_ipc.unlink_semaphore, self.sem_name)
+    def close_fd(self) -> None:
+        """The offer is sent (or will not be): the server's copy of the descriptor goes."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def ring_doorbell(self) -> None:
-        """Post the doorbell, unless the session closed the ring meanwhile (a
-        server stop or the control socket's news racing the session's own end)."""
-        try:
-            self.sem.release()
-        except posix_ipc.ExistentialError:  # "The semaphore has been closed"
-            pass
+        """Post the doorbell with the server's own news (the control socket, a stop)."""
+        bell = self._bell
+        bell[layout.BELL_VALUE] = min(bell[layout.BELL_VALUE] + 1, SEM_VALUE_MAX)
+        _libc().futex_wake(self._value)
 
     def wait(self, woken: Callable[[], bool]) -> None:
         """Nothing to drain: wait for the client's next write (the nap and sleep
@@ -99,72 +268,48 @@ class ServerRing:
         self.consumer.wait(self._take_doorbell, woken)
 
     def _take_doorbell(self, timeout: float) -> bool:
-        """Wait at most ``timeout`` seconds for a post; True if this took one."""
-        try:
-            self.sem.acquire(timeout)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
-            return False  # timed out, or a signal for the server landed on this thread
+        """Wait at most ``timeout`` seconds for a post; True if this took any."""
+        bell = self._bell
+        if not bell[layout.BELL_VALUE]:
+            bell[layout.BELL_WAITERS] = 1  # sem_post wakes only a semaphore with waiters
+            _libc().futex_wait(self._value, timeout)
+            bell[layout.BELL_WAITERS] = 0
+            if not bell[layout.BELL_VALUE]:
+                return False  # timed out, or a signal for the server landed on this thread
+        bell[layout.BELL_VALUE] = 0
         return True
 
     def close(self) -> None:
-        self.unlink()
-        self.consumer.close()
-        self._map.close()
-        if hasattr(self, "sem"):
-            self.sem.close()
+        """Give up the descriptor and the mapping (the mapping goes with its last view)."""
+        self.close_fd()
+        if self.consumer is not None:
+            self.consumer.close()
+        for view in (self._bell, self._map):
+            if view is not None:
+                view.release()
 
 
 class ClientRing:
-    """Client side: opens the server's objects, unlinks them, produces into the ring."""
+    """Client side: checks the offered memory, maps it, produces into the ring."""
 
-    def __init__(self, capacity: int, shm_name: str, sem_name: str, **producer_options) -> None:
-        layout.check_capacity(capacity)
+    def __init__(self, capacity: int, fd: int, **producer_options) -> None:
+        """``fd`` is the offered descriptor; it is closed here whatever happens."""
         try:
-            memory = posix_ipc.SharedMemory(shm_name)
-            try:
-                self._map = mmap.mmap(memory.fd, memory.size, MAP_FLAGS)
-            finally:
-                memory.close_fd()
-            self.sem = posix_ipc.Semaphore(sem_name)
+            layout.check_capacity(capacity)
+            size = layout.mapping_size(capacity)
+            check_sealed(fd, size)
+            mapping, address = _map(fd, size, MAP_FLAGS)
         finally:
-            _unlink(posix_ipc.unlink_shared_memory, shm_name)
-            _unlink(posix_ipc.unlink_semaphore, sem_name)
-        self.producer = Producer(self._map, capacity, self.sem.release, **producer_options)
-        self._closed = False
+            os.close(fd)
+        self._sem_post = functools.partial(_libc().sem_post, address + layout.DOORBELL_OFFSET)
+        self._map: Optional[memoryview] = mapping  # while set, the doorbell's address is mapped
+        self.producer = Producer(mapping, capacity, self.post, **producer_options)
+
+    def post(self) -> None:
+        """Ring the doorbell (the producer does when the consumer sleeps); nothing once closed."""
+        if self._map is not None:
+            self._sem_post()
 
     def close(self) -> None:
-        """Close the doorbell (idempotent); the mapping stays readable for recovery."""
-        if not self._closed:
-            self._closed = True
-            self.sem.close()
-
-
-def sweep_stale() -> int:
-    """Unlink ring objects whose creating server is dead; return how many."""
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return 0
-    removed = 0
-    for entry in names:
-        match = _NAME.match(entry)
-        if not match or _alive(int(match.group(1))):
-            continue
-        try:
-            if os.stat(os.path.join(SHM_DIR, entry)).st_uid != os.geteuid():
-                continue
-            os.unlink(os.path.join(SHM_DIR, entry))
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        """No more posts (idempotent); the mapping stays, as long as the producer's views of it, for recovery."""
+        self._map = None
