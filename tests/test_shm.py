@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import gc
 import os
 import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Tuple
 
 import pytest
@@ -21,13 +26,15 @@ from support import (
     child_env,
     client_script,
     dev_shm_in_use,
+    open_fds,
     ring_mappings,
     shm_objects,
     wait_for,
 )
 
 import offlog
-from offlog.shm import layout
+from offlog import protocol as P
+from offlog.shm import ClientRing, layout
 from offlog.shm.ring import Producer, RingCorrupt
 
 
@@ -206,6 +213,103 @@ def test_a_ring_session_puts_nothing_in_dev_shm(shm_server, workdir):
     assert all((workdir / f"{i}.log").read_bytes() == b"ok\n" for i in range(5))
 
 
+def take_offer(sock_path: str, path: Path):
+    """A client's handshake by hand up to the offer: (socket, its machine, capacity,
+    the descriptors that came with the offer)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(sock_path)
+    conn = P.ClientConnection()
+    sock.sendall(conn.send(P.Open(str(path), P.WANT_SHM)))
+    fds: list = []
+    events: list = []
+    while conn.state != "MAPPING":
+        data, more, _, _ = socket.recv_fds(sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+        assert data, f"EOF in state {conn.state}"
+        fds += more
+        conn.receive_data(data)
+        while (event := conn.next_event()) is not P.NEED_DATA:
+            events.append(event)
+    return sock, conn, events[-1].capacity, fds
+
+
+def test_a_client_that_resizes_its_ring_gets_eperm_and_the_server_serves_on(shm_server, workdir):
+    """A client holding its ring's descriptor tries every way to change its size:
+    ftruncate (shrink, grow, through its own fd or a reopen of it), fallocate past the
+    end, new seals. Each fails with EPERM; the server (which would die of SIGBUS
+    on a shrunk ring) goes on, and every record of the vandal and of bystanders arrives."""
+    bystanders = [offlog.ProxyFile(str(workdir / f"b{i}.log"), shm_server.sock, shm=True) for i in range(2)]
+    for i, f in enumerate(bystanders):
+        f.write(b"bystander %d before\n" % i)
+    target = workdir / "vandal.log"
+    sock, conn, capacity, (fd,) = take_offer(shm_server.sock, target)
+    size = 256 + capacity
+    ring = ClientRing(capacity, os.dup(fd), on_failed=lambda code: pytest.fail(f"the ring failed: {code}"))
+    sock.sendall(conn.send(P.ShmAccept()))
+    ring.producer.write(b"vandal before\n")
+    reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    try:
+        for victim in (fd, reopened):
+            for new_size in (0, 256, size - 4096, size + 4096, 2 * size):
+                with pytest.raises(PermissionError):
+                    os.ftruncate(victim, new_size)
+            with pytest.raises(PermissionError):
+                os.posix_fallocate(victim, size, 4096)
+            with pytest.raises(PermissionError):
+                fcntl.fcntl(victim, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+            assert os.fstat(victim).st_size == size
+    finally:
+        os.close(reopened)
+        os.close(fd)
+    ring.producer.write(b"vandal after\n")
+    sock.sendall(conn.send(P.Flush(1)))
+    for i, f in enumerate(bystanders):
+        f.write(b"bystander %d after\n" % i)
+        f.close()
+        assert (workdir / f"b{i}.log").read_bytes() == b"bystander %d before\nbystander %d after\n" % (i, i)
+    conn.send(P.EndOfData())
+    sock.shutdown(socket.SHUT_WR)
+    heard = b""
+    while chunk := sock.recv(65536):
+        heard += chunk
+    sock.close()
+    conn.receive_data(heard)
+    conn.receive_data(b"")
+    assert [type(e) for e in iter(conn.next_event, P.PAUSED)] == [P.Flushed, P.Bye, P.Closed]
+    assert target.read_bytes() == b"vandal before\nvandal after\n"
+    assert shm_server.proc.poll() is None
+    assert " error" not in shm_server.output()
+
+
+def test_a_client_of_another_user_gets_its_ring(start_server, workdir, procs):
+    """The ring travels as a descriptor: a client running as another uid (nobody) maps
+    its ring like any other. (Run as root, as CI is, to start a client as another user;
+    the client imports what it needs first, as root may read an interpreter in /root.)"""
+    if os.geteuid() != 0:
+        pytest.fail("this test starts a client as another user: run it as root, as CI does")
+    workdir.chmod(0o755)
+    server = start_server("--shm", "--socket-mode", "666")
+    target = workdir / "other.log"
+    code = f"""
+        import os
+        from offlog.client import ProxyFile
+        from offlog.shm import unsupported_reason
+        assert unsupported_reason() is None
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        f = ProxyFile({str(target)!r}, {server.sock!r}, shm=True)
+        print(f.transport, os.getuid())
+        f.write(b"from uid 65534\\n")
+        f.close()
+    """
+    proc = client_script(procs, workdir, code)
+    assert proc.returncode == 0, proc.stderr_text
+    assert proc.stdout_text.split() == ["shm", "65534"]
+    assert target.read_bytes() == b"from uid 65534\n"
+    assert "uid 65534)" in server.output() and "transport: shm" in server.output()
+
+
 def test_a_client_in_a_mount_namespace_of_its_own_gets_its_ring(shm_server, workdir, procs, private_dev_shm):
     """A client whose /dev/shm is not the server's (a container, say) maps its ring: a
     ring needs no shared file system."""
@@ -226,6 +330,223 @@ def test_a_client_in_a_mount_namespace_of_its_own_gets_its_ring(shm_server, work
     assert proc.returncode == 0, err
     assert out.strip() == "shm"
     assert (workdir / "b.log").read_bytes() == b"through the ring\n"
+
+
+# -- a fake server's offers ---------------------------------------------------------------------------
+class FakeServer:
+    """A server of the test's making, speaking through offlog.protocol's ServerConnection,
+    whose ring offer is ``offer(conn)``: (bytes to send, descriptors to attach). It
+    serves each connection on the socket after the offer, keeps the client's answers
+    and the DATA it received, and closes every descriptor it sent."""
+
+    def __init__(self, path: str, offer) -> None:
+        self.offer = offer
+        self.answers: list = []
+        self.data = bytearray()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with sock:
+                try:
+                    self._session(sock, P.ServerConnection())
+                except OSError:
+                    pass  # the client left (after refusing the ring with shm=True, say)
+
+    def _session(self, sock: socket.socket, conn: P.ServerConnection) -> None:
+        while True:
+            event = conn.next_event()
+            if event is P.NEED_DATA:
+                conn.receive_data(sock.recv(65536))
+            elif event is P.PAUSED and conn.state == "GREETING":
+                sock.sendall(conn.send(P.Greeting()))
+            elif event is P.PAUSED and conn.state == "OPENING":
+                data, fds = self.offer(conn)
+                try:
+                    socket.send_fds(sock, [data], fds) if fds else sock.sendall(data)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            elif event is P.PAUSED and conn.state == "ENDED":
+                sock.sendall(conn.send(P.Bye()))
+            elif event is P.PAUSED or type(event) is P.Closed:
+                return
+            elif type(event) in (P.ShmDecline, P.ShmAccept):
+                self.answers.append(getattr(event, "reason", "accepted"))
+            elif type(event) is P.Data:
+                self.data += event.payload
+            elif type(event) is P.Flush:
+                sock.sendall(conn.send(P.Flushed(event.token)))
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone would not)
+        self.thread.join(30)
+        self.listener.close()
+
+
+def memfd(size: int, seals: int = 0) -> int:
+    fd = os.memfd_create("fake-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+CAPACITY = 1 << 16
+SIZE = 256 + CAPACITY
+SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def sealed_offer(capacity: int = CAPACITY, size: int = SIZE, seals: int = SEALED, count: int = 1):
+    return lambda conn: (conn.send(P.ShmOffer(capacity)), [memfd(size, seals) for _ in range(count)])
+
+
+def named_offer_of_protocol_2(name: str):
+    """What a version-2 server said: OPENED version 2, SHM_OFFER with two names."""
+
+    def offer(conn):
+        conn.send(P.ShmOffer(CAPACITY))  # moves the machine; the bytes are version 2's instead
+        body = struct.pack("<Q", CAPACITY) + name.encode() + b"\0" + name.encode()
+        return P.encode_opened(P.SHM_OFFERED, version=2) + P.frame(P.SHM_OFFER, body), []
+
+    return offer
+
+
+def other_descriptor(workdir: Path):
+    def offer(conn):
+        (workdir / "plain").write_bytes(bytes(SIZE))
+        return conn.send(P.ShmOffer(CAPACITY)), [os.open(workdir / "plain", os.O_RDWR)]
+
+    return offer
+
+
+FAKE_OFFERS = {
+    "unsealed": (lambda workdir: sealed_offer(seals=0), "not sealed against resizing (seals 0x0"),
+    "shrinkable": (
+        lambda workdir: sealed_offer(seals=fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL),
+        "not sealed against resizing (seals 0x5",
+    ),
+    "resealable": (
+        lambda workdir: sealed_offer(seals=fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW),
+        "not sealed against resizing (seals 0x6",
+    ),
+    "too small": (lambda workdir: sealed_offer(size=SIZE - 4096), f"has {SIZE - 4096} bytes, expected {SIZE}"),
+    "header only": (lambda workdir: sealed_offer(size=256), f"has 256 bytes, expected {SIZE}"),
+    "too big": (lambda workdir: sealed_offer(size=2 * SIZE), f"has {2 * SIZE} bytes, expected {SIZE}"),
+    "bad capacity": (lambda workdir: sealed_offer(capacity=1000, size=1256), "must be a power of two"),
+    "blank header": (lambda workdir: sealed_offer(), "bad ring magic"),
+    "a plain file": (other_descriptor, "not sealable memory"),
+    "no descriptor": (lambda workdir: sealed_offer(count=0), "the offer came with 0 descriptors, expected 1"),
+    "two descriptors": (lambda workdir: sealed_offer(count=2), "the offer came with 2 descriptors, expected 1"),
+    "names (protocol 2)": (
+        lambda workdir: named_offer_of_protocol_2("/" + workdir.name),
+        "the server speaks protocol 2: its rings have names, not seals",
+    ),
+}
+
+FAKE_SERVER_CLIENT = """
+import os, sys, offlog
+fds = lambda: len(os.listdir("/proc/self/fd"))
+before = fds()
+for round in range(2):
+    f = offlog.ProxyFile(sys.argv[1], sys.argv[2])
+    print(f.transport, flush=True)
+    f.write(b"record %d\\n" % round)
+    f.sync()
+    f.close()
+print(before, fds())
+"""
+
+
+@pytest.mark.parametrize("case", FAKE_OFFERS)
+def test_a_fake_servers_unsafe_ring_is_declined_and_the_client_stays_on_the_socket(workdir, procs, case):
+    """A client is offered memory it must not map: it checks seals, size, capacity and
+    header before trusting any of it, declines with the reason, writes over the socket,
+    never crashes, keeps no descriptor, and never touches what a server names."""
+    make_offer, reason = FAKE_OFFERS[case]
+    named = Path("/dev/shm") / workdir.name  # what the protocol-2 offer names: it must survive
+    named.write_bytes(b"not yours")
+    fake = FakeServer(str(workdir / "fake.sock"), make_offer(workdir))
+    try:
+        proc = procs.start(
+            [sys.executable, "-c", FAKE_SERVER_CLIENT, str(workdir / "a.log"), str(workdir / "fake.sock")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            cwd=str(workdir),
+            text=True,
+        )
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        first, second, counts = out.splitlines()
+        assert first == second == "socket"
+        before, after = counts.split()
+        assert before == after, "the client kept descriptors"
+        assert len(fake.answers) == 2 and all(reason in answer for answer in fake.answers), fake.answers
+        assert bytes(fake.data) == b"record 0\nrecord 1\n"
+        assert named.read_bytes() == b"not yours"
+    finally:
+        fake.close()
+        named.unlink()
+
+
+def test_shm_true_raises_when_the_offered_ring_is_unsafe(workdir):
+    fake = FakeServer(str(workdir / "fake.sock"), sealed_offer(seals=0))
+    try:
+        with pytest.raises(offlog.ShmUnavailableError, match="not sealed against resizing"):
+            offlog.ProxyFile(str(workdir / "a.log"), str(workdir / "fake.sock"), shm=True)
+    finally:
+        fake.close()
+
+
+# -- descriptors ---------------------------------------------------------------------------------------
+def test_ring_sessions_leave_no_descriptor_or_mapping_behind(shm_server, workdir, procs):
+    """Accepted, declined, abandoned and killed ring sessions: afterwards the server holds
+    as many descriptors as before and maps no ring; the client as many as before."""
+    warm = offlog.ProxyFile(str(workdir / "warm.log"), shm_server.sock, shm=True)  # the hang-up watcher starts
+    warm.close()
+    wait_for(lambda: ring_mappings(shm_server.pid) == 0, what="the warm-up ring unmapped")
+    gc.collect()
+    server_fds, client_fds = open_fds(shm_server.pid), open_fds(os.getpid())
+    for i in range(5):
+        f = offlog.ProxyFile(str(workdir / "a.log"), shm_server.sock, shm=True)
+        f.write(b"accepted %d\n" % i)
+        f.close()
+        sock, conn, _, fds = take_offer(shm_server.sock, workdir / "b.log")
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(conn.send(P.ShmDecline("declined by the test")))
+        sock.close()
+        sock, _, _, fds = take_offer(shm_server.sock, workdir / "c.log")
+        for fd in fds:
+            os.close(fd)
+        sock.close()  # abandoned: no answer to the offer
+    killed = procs.start(
+        [sys.executable, "-c", KILLED_WRITER, str(workdir / "d.log"), shm_server.sock],
+        stdout=subprocess.PIPE,
+        env=child_env(),
+        cwd=str(workdir),
+    )
+    assert killed.stdout.readline(), "the writer died on its own"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    killed.stdout.close()
+    ended = re.compile(r"Client \d+ disconnected$", re.M)
+    wait_for(lambda: len(ended.findall(shm_server.output())) == 17, what="every session to end")
+    wait_for(lambda: ring_mappings(shm_server.pid) == 0, what="every ring unmapped")
+    wait_for(lambda: open_fds(shm_server.pid) == server_fds, what=f"the server back to {server_fds} descriptors")
+    gc.collect()
+    assert open_fds(os.getpid()) == client_fds
+    assert ring_mappings(os.getpid()) == 0
+
 
 
 # -- hostile headers -------------------------------------------------------------------------
@@ -374,6 +695,52 @@ def test_kills_of_clients_and_servers_leave_dev_shm_as_it_was(procs, workdir):
     f.close()
     assert final.stop() == 0, final.output()
     assert shm_objects(pids) == set()
+
+
+# -- the doorbell -----------------------------------------------------------------------------------------
+SCRIBBLER = """
+import sys, time, offlog
+from offlog.shm import layout
+f = offlog.ProxyFile(sys.argv[1], sys.argv[2], shm=True)
+f.write(b"scribbler before\\n")
+f.sync()
+words = f._transport._data._words
+first = layout.DOORBELL_OFFSET // 8
+words[first] = (1 << 32) | 0x7FFFFFFF  # the semaphore's value and waiter count
+words[first + 1] = 0x5A5A5A5A5A5A5A5A  # its futex flags: what glibc's calls take and abort on
+print("scribbled", flush=True)
+for _ in range(50):
+    time.sleep(0.02)  # the consumer goes back to sleep, so the next write posts
+    f.write(b"scribbler goes on\\n")
+    words[first + 1] = 0x5A5A5A5A5A5A5A5A
+f.close()
+"""
+
+
+def test_a_client_that_scribbles_over_its_doorbell_harms_no_one_else(shm_server, workdir, procs):
+    """The semaphore lives in memory the client writes. A client that overwrites its
+    value, waiter count and futex flags (with which glibc's sem_timedwait and sem_post
+    abort a process) may abort itself at its next sem_post; the server, which never
+    calls the C library's semaphore functions on a ring, serves on, and a bystander loses nothing."""
+    bystander = offlog.ProxyFile(str(workdir / "bystander.log"), shm_server.sock, shm=True)
+    bystander.write(b"before\n")
+    scribbler = procs.start(
+        [sys.executable, "-c", SCRIBBLER, str(workdir / "scribbler.log"), shm_server.sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        cwd=str(workdir),
+    )
+    assert scribbler.stdout.readline() == b"scribbled\n", scribbler.stderr.read()
+    scribbler.wait(60)
+    assert scribbler.returncode in (0, -signal.SIGABRT), scribbler.stderr.read()
+    shm_server.wait_log("disconnected")
+    bystander.write(b"after\n")
+    bystander.close()
+    assert (workdir / "bystander.log").read_bytes() == b"before\nafter\n"
+    assert (workdir / "scribbler.log").read_bytes().startswith(b"scribbler before\n")
+    assert shm_server.proc.poll() is None
+    assert " error" not in shm_server.output()
 
 
 NO_CTYPES = "import sys; sys.modules['ctypes'] = None  # as if Python had been built without it\n"
