@@ -48,9 +48,9 @@ and its store; the consumer then looks at HEAD and the control socket right
 after that take, and :mod:`offlog.shm.ring` argues why such a look is late
 by a store buffer's drain at most. Whatever a client writes into the
 semaphore, the server's calls return an error or a wrong wake-up, never an
-abort; the wrong wake-ups cost the server what the client's writes cost the
-client. The client's ``sem_post`` does read flags the server wrote: only a
-server the client trusts (``offlog.trust``) gets that far.
+abort, and a client that wants to keep the server awake must keep writing
+(each take clears the value). The client's ``sem_post`` does read flags the
+server wrote: only a server the client trusts (``offlog.trust``) gets that far.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def unsupported_reason() -> Optional[str]:
         return f"the ring's ordering argument needs x86-64 (TSO, atomic 8-byte access), not {platform.machine()}"
     if ctypes is None:
         return "ctypes is not available (the doorbell is a semaphore called through it)"
+    if not hasattr(os, "memfd_create"):
+        return "this Python has no os.memfd_create (built against a C library older than glibc 2.27)"
     try:
         libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError):
