@@ -3,7 +3,9 @@
 What: the caller's cost of one call, in this process: ``write`` of a 100 B
 record (offlog ProxyFile over shm and over the socket, a plain file with
 write + flush) and ``info`` of a 60-character message with two args (offlog
-Logger over shm, stdlib logging with a FileHandler, stdlib QueueHandler).
+Logger over shm, stdlib logging with a FileHandler, stdlib QueueHandler);
+and the producer's doorbell post (``sem_post`` on a ring's semaphore through
+ctypes, nobody waiting), which a write pays only when the consumer sleeps.
 Tests are grouped so pytest-benchmark's table compares like with like.
 
 How: each test opens its system through :data:`bench.worker.SYSTEMS` (the
@@ -22,6 +24,7 @@ import os
 import pytest
 
 from bench.worker import LOG_ARGS, LOG_MESSAGE, record
+from offlog.shm import ClientRing, ServerRing
 
 RECORD = record(100)
 
@@ -45,3 +48,16 @@ def test_info(benchmark, open_sink, system: str) -> None:
     with open(target, "rb") as f:
         lines = f.read().splitlines()
     assert lines and all(line.endswith(LOG_MESSAGE.encode() % (b"foo", 7)) for line in lines)
+
+
+@pytest.mark.benchmark(group="doorbell post")
+def test_doorbell_post(benchmark) -> None:
+    server = ServerRing(1 << 16)
+    client = ClientRing(1 << 16, os.dup(server.fd), on_failed=lambda code: None)
+    server.close_fd()
+    try:
+        benchmark(client.post)
+        assert server._take_doorbell(0), "the posts reached the server's side"
+    finally:
+        client.close()
+        server.close()
