@@ -1,0 +1,126 @@
+"""Regressions found reviewing issue 10 (protocol machines, composed transports).
+
+Each test names the bug it pins. They drive real servers (ours and a 0.x
+peer), real sockets and threads in a child interpreter, as the rest of the
+suite does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from driver import run_script
+from support import child_env
+
+
+def offlog_command(procs, workdir, *args: str):
+    """``python -m offlog ARGS`` to its end: (returncode, stdout, stderr)."""
+    proc = procs.start(
+        [sys.executable, "-m", "offlog", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(workdir),
+        env=child_env(),
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+# Bug: ProtocolError stopped being a ValueError, but `offlog status` and
+# `offlog reopen` still catch only (OSError, ValueError[, EOFError]); against a
+# 0.x server transports.request raises ProtocolError and the command dies with
+# a traceback instead of its one line (offlog 1.0 before issue 10 printed it).
+@pytest.mark.parametrize("command", ["status", "reopen"])
+def test_control_commands_against_a_0x_server_answer_in_one_line(command, peers, start_server, procs, workdir):
+    server = start_server(pythonpath=peers["0.3.1"])
+    returncode, out, err = offlog_command(procs, workdir, command, "-s", server.sock)
+    assert returncode == 1, (out, err)
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"offlog {command}: "), err
+
+
+# Bug: two threads closing one ProxyFile. The second close() reaches
+# Control.end_data while the connection machine is already CLOSING, so
+# ClientConnection.send raises ProtocolError ("cannot send EndOfData in state
+# CLOSING"); its finally then releases the socket (and the ring's semaphore)
+# under the first close(), which fails with ValueError (fd -1) or
+# posix_ipc.ExistentialError although the server answered BYE.
+def test_two_threads_closing_one_proxyfile_both_return(transport_server, procs, workdir):
+    shm = transport_server.transport == "shm"
+    code = f"""
+import json, threading
+import offlog
+outcomes = {{}}
+lines = 0
+for r in range(30):
+    f = offlog.ProxyFile({str(workdir / "closed-twice.log")!r}, {transport_server.sock!r}, shm={shm!r})
+    for i in range(200):
+        f.write(b"%02d %06d\\n" % (r, i))
+    lines += 200
+    barrier = threading.Barrier(2)
+
+    def closer():
+        barrier.wait()
+        try:
+            f.close()
+            outcome = "returned"
+        except Exception as exc:
+            outcome = type(exc).__module__ + "." + type(exc).__qualname__ + ": " + str(exc)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=closer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+print(json.dumps({{"outcomes": outcomes, "lines": lines}}))
+"""
+    result = run_script(procs, workdir, code, "two close() calls on one ProxyFile hung")
+    assert result["outcomes"] == {"returned": 60}
+    assert (workdir / "closed-twice.log").read_bytes().count(b"\n") == result["lines"]
+
+
+# Bug: sync() racing close() in another thread.
+# (a) Once close() has half-closed the connection (machine state CLOSING),
+#     sync's Control.flush_locked asks the machine to send FLUSH and gets
+#     ProtocolError ("cannot send Flush in state CLOSING"): an exception class
+#     no caller expects (neither the ValueError of a closed file nor an OSError).
+# (b) A FLUSH left part-way out when close() shut the write side keeps
+#     Transport._drain spinning for sync's whole timeout: every step re-sends
+#     on the dead socket (EPIPE -> Transport.failed -> server_error) and
+#     Transport.idle() runs check_control, both under the write token, with no
+#     wait in between (idle() lost the "not closed" guard the old transport
+#     had). close() waiting for BYE cannot get the token: a thread that keeps
+#     calling sync() until the file is closed starves close() forever.
+def test_sync_racing_close_never_raises_a_protocol_error_nor_starves_close(transport_server, procs, workdir):
+    shm = transport_server.transport == "shm"
+    code = f"""
+import json, threading, time
+import offlog
+raised = {{}}
+for r in range(20):
+    f = offlog.ProxyFile({str(workdir / "synced.log")!r}, {transport_server.sock!r}, 1000, shm={shm!r})
+    for i in range(100):
+        f.write(b"%02d %06d\\n" % (r, i))
+
+    def syncer():
+        while not f.closed:
+            try:
+                f.sync()
+            except Exception as exc:
+                name = type(exc).__module__ + "." + type(exc).__qualname__
+                raised[name] = raised.get(name, 0) + 1
+
+    t = threading.Thread(target=syncer)
+    t.start()
+    time.sleep(0.02)
+    f.close()
+    t.join()
+print(json.dumps(raised))
+"""
+    raised = run_script(procs, workdir, code, "close() starved by a thread calling sync()", timeout=50)
+    assert not [name for name in raised if "ProtocolError" in name], raised
