@@ -124,3 +124,57 @@ print(json.dumps(raised))
 """
     raised = run_script(procs, workdir, code, "close() starved by a thread calling sync()", timeout=50)
     assert not [name for name in raised if "ProtocolError" in name], raised
+
+
+# Bug: close() while other threads wait for room in a full backlog
+# (on_full="block"). Transport.idle() runs check_control whenever the
+# connection is ending, also once close() owns that end (the old transport
+# skipped it when closed): a waiting writer's step reads the server's BYE and
+# EOF, Transport.failed -> Control.server_error pops the BYE that close()
+# waits for, and without a reconnect fail_locked marks the transport broken.
+# close() then raises BrokenPipeError although the server wrote everything and
+# said BYE, and the writers racing close() get BrokenPipeError, not the
+# ValueError of a closed file.
+def test_close_with_writers_waiting_for_room_returns_and_they_get_value_error(transport_server, procs, workdir):
+    shm = transport_server.transport == "shm"
+    code = f"""
+import json, threading, time
+import offlog
+outcomes, writers_raised, missing = {{}}, {{}}, []
+record = b"y" * 65535 + b"\\n"
+for r in range(150):
+    target = {str(workdir)!r} + "/blocked-%d.log" % r
+    f = offlog.ProxyFile(target, {transport_server.sock!r}, 10000, shm={shm!r}, max_queue=1, on_full="block",
+                         reconnect=False)
+    accepted = [0, 0, 0]
+
+    def writer(w):
+        while True:
+            try:
+                f.write(record)
+            except Exception as exc:
+                name = type(exc).__qualname__
+                writers_raised[name] = writers_raised.get(name, 0) + 1
+                return
+            accepted[w] += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    try:
+        f.close()
+        outcome = "returned"
+    except Exception as exc:
+        outcome = type(exc).__qualname__ + ": " + str(exc)
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    for t in threads:
+        t.join()
+    if open(target, "rb").read().count(b"\\n") != sum(accepted):
+        missing.append(r)
+print(json.dumps({{"outcomes": outcomes, "writers": writers_raised, "missing": missing}}))
+"""
+    result = run_script(procs, workdir, code, "close() with writers waiting for room hung", timeout=100)
+    assert result["missing"] == []
+    assert result["outcomes"] == {"returned": 150}
+    assert set(result["writers"]) == {"ValueError"}, result["writers"]
