@@ -539,8 +539,12 @@ def test_ring_sessions_leave_no_descriptor_or_mapping_behind(shm_server, workdir
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     killed.stdout.close()
-    ended = re.compile(r"Client \d+ disconnected$", re.M)
-    wait_for(lambda: len(ended.findall(shm_server.output())) == 17, what="every session to end")
+    def every_session_ended() -> bool:
+        out = shm_server.output()
+        connected = set(re.findall(r"Client (\d+) connected", out))
+        return connected == set(re.findall(r"Client (\d+) disconnected$", out, re.M))
+
+    wait_for(every_session_ended, what="every session to end")
     wait_for(lambda: ring_mappings(shm_server.pid) == 0, what="every ring unmapped")
     wait_for(lambda: open_fds(shm_server.pid) == server_fds, what=f"the server back to {server_fds} descriptors")
     gc.collect()
