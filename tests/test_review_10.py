@@ -178,3 +178,42 @@ print(json.dumps({{"outcomes": outcomes, "writers": writers_raised, "missing": m
     assert result["missing"] == []
     assert result["outcomes"] == {"returned": 150}
     assert set(result["writers"]) == {"ValueError"}, result["writers"]
+
+
+# Same bug, with a reconnect (the default): the writer that consumed the BYE
+# makes close() see an end without BYE while payloads since the last WRITTEN
+# are unconfirmed, so close() hands them to a reconnect, which sends them
+# again: records appear twice although no server died.
+def test_close_with_writers_waiting_for_room_repeats_nothing(server, procs, workdir):
+    code = f"""
+import json, threading, time
+import offlog
+repeated = []
+record = b"y" * 16383 + b"\\n"
+for r in range(300):
+    target = {str(workdir)!r} + "/blocked-%d.log" % r
+    f = offlog.ProxyFile(target, {server.sock!r}, 10000, shm=False, max_queue=1, on_full="block")
+    accepted = [0, 0, 0]
+
+    def writer(w):
+        while True:
+            try:
+                f.write(record)
+            except ValueError:
+                return
+            accepted[w] += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    f.close()
+    for t in threads:
+        t.join()
+    lines = open(target, "rb").read().count(b"\\n")
+    if lines != sum(accepted):
+        repeated.append((r, lines, sum(accepted)))
+print(json.dumps(repeated))
+"""
+    repeated = run_script(procs, workdir, code, "close() with writers waiting for room hung", timeout=110)
+    assert repeated == [], "(round, lines in the file, writes accepted)"
