@@ -14,6 +14,7 @@ from typing import List, NoReturn, Optional
 from . import __version__
 from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, REOPEN_TIMEOUT
 from .loglines import DEBUG, INFO, WARNING, LineLogger, LineSink
+from .protocol import ProtocolError
 from .shm import layout
 from .trust import UntrustedServerError
 
@@ -236,7 +237,7 @@ def status_main(argv: List[str]) -> int:
     except UntrustedServerError as exc:
         print(_refused("status", exc), file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, ProtocolError) as exc:
         print(f"offlog status: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1
     try:
@@ -270,7 +271,7 @@ def reopen_main(argv: List[str]) -> int:
     except UntrustedServerError as exc:
         print(_refused("reopen", exc), file=sys.stderr)
         return 1
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, ProtocolError) as exc:
         print(f"offlog reopen: no answer from {args.socket_file}: {exc}", file=sys.stderr)
         return 1
     for failure in result["failed"]:
