@@ -148,6 +148,8 @@ class ProxyFile:
         self._limit = BacklogLimit(max_queue, on_full, timeout) if max_queue is not None else None
         self._transport: Any = _Closed(0)
         self._closing = False
+        self._close_lock = threading.Lock()  # one close() at a time; the others wait for it
+        self._closer: Optional[int] = None  # the thread in close()
         self._install(self._open_transport())
         _live.add(self)
 
@@ -207,9 +209,22 @@ class ProxyFile:
                 continue  # it handed over: its successor is installed; sync that
 
     def close(self) -> None:
-        """Send the backlog, wait for the server to confirm; idempotent."""
+        """Send the backlog, wait for the server to confirm; idempotent. A close()
+        racing another waits for that one to end, then returns."""
         if self.closed:
             return
+        if self._closer == threading.get_ident():
+            raise RuntimeError("close() from a signal handler that interrupted this ProxyFile's close()")
+        with self._close_lock:
+            if self.closed:
+                return
+            self._closer = threading.get_ident()
+            try:
+                self._close()
+            finally:
+                self._closer = None
+
+    def _close(self) -> None:
         self._closing = True
         self.write = self._write_closed  # type: ignore[method-assign]
         _live.discard(self)

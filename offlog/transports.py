@@ -625,13 +625,14 @@ class Transport:
         if not channel.closing():
             control.wait(WAIT_STEP, control.stream.sending())
             channel.poll()
-        if channel.closing() and not data.handed_over:
-            data.locked(self.check_control)
+        if channel.closing() and not data.handed_over and not self._closing:
+            data.locked(self.check_control)  # (in a close, the end is for _await_bye to read)
 
     def _drain(self, deadline: Deadline) -> None:
         """Hand the whole backlog over (until the deadline), watching the server."""
         while self._pending():
             self._raise_if_handed_over()
+            self._raise_if_closing()
             if self._data.error is not None:
                 raise self._data.error.with_traceback(None)
             try:
@@ -653,6 +654,11 @@ class Transport:
         if stream.sending():
             self._data.locked(stream.send_rest_locked)
         return stream.sending()
+
+    def _raise_if_closing(self) -> None:
+        """A sync() or a write waiting for room meets a close() in another thread."""
+        if self._closing:
+            raise ValueError("the ProxyFile was closed meanwhile")
 
     def _raise_if_handed_over(self) -> None:
         if self._data.handed_over:
@@ -688,7 +694,7 @@ class Transport:
         if not self._control.framed:
             return  # a 0.x server cannot confirm writes: sent is all we know
         data = self._data
-        request, position = data.locked(self._control.flush_locked)
+        request, position = data.locked(self._flush_locked)
         while True:
             try:
                 event = self._next_event(deadline)
@@ -701,6 +707,10 @@ class Transport:
                 return
             if type(event) is P.Error:
                 raise data.locked(self._answer_error, event)
+
+    def _flush_locked(self) -> Tuple[int, Optional[int]]:
+        self._raise_if_closing()  # the connection is half-closed: no FLUSH can go out
+        return self._control.flush_locked()
 
     def close(self) -> None:
         """Hand everything over, half-close, wait for BYE (see :meth:`_await_bye`)."""
