@@ -29,6 +29,7 @@ from support import (
     open_fds,
     ring_mappings,
     shm_objects,
+    socket_answers,
     wait_for,
 )
 
@@ -184,7 +185,7 @@ def test_a_ring_the_server_cannot_allocate_leaves_the_client_on_the_socket(procs
         env=child_env(),
     )
     out.close()
-    wait_for(lambda: os.path.exists(sock), what="server socket")
+    wait_for(lambda: socket_answers(sock), what="server socket")  # bound is not yet listening
     f = offlog.ProxyFile(str(workdir / "a.log"), sock)
     assert f.transport == "socket"
     f.write(b"via the socket\n")
