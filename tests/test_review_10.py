@@ -217,3 +217,49 @@ print(json.dumps(repeated))
 """
     repeated = run_script(procs, workdir, code, "close() with writers waiting for room hung", timeout=110)
     assert repeated == [], "(round, lines in the file, writes accepted)"
+
+
+# Bug (still there after the fixes above): a thread calling sync() while
+# close() waits for BYE, ring transport without a reconnect. The channel keeps
+# one queue of answers for every waiter (_Channel._events), so the sync()'s
+# Transport._next_event can take the BYE close() waits for (and drop it: it is
+# not its FLUSHED); close() then meets an EOF without BYE, and
+# Transport._nothing_unconfirmed asks Producer.unconfirmed_bytes(), which
+# counts from the producer's cached tail, not the ring's TAIL, so it finds
+# bytes "unconfirmed" that the server has written: close() raises
+# BrokenPipeError although every record is in the file and the server said BYE.
+def test_close_of_a_ring_racing_sync_returns_once_the_server_said_bye(shm_server, procs, workdir):
+    code = f"""
+import json, threading, time
+import offlog
+outcomes, short = {{}}, []
+for r in range(150):
+    target = {str(workdir)!r} + "/ring-%d.log" % r
+    f = offlog.ProxyFile(target, {shm_server.sock!r}, 5000, shm=True, reconnect=False)
+    for i in range(1000):
+        f.write(b"%06d\\n" % i)
+
+    def syncer():
+        while not f.closed:
+            try:
+                f.sync()
+            except Exception:
+                pass
+
+    t = threading.Thread(target=syncer)
+    t.start()
+    time.sleep(0.02)
+    try:
+        f.close()
+        outcome = "returned"
+    except Exception as exc:
+        outcome = type(exc).__qualname__ + ": " + str(exc)
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    t.join()
+    if open(target, "rb").read().count(b"\\n") != 1000:
+        short.append(r)
+print(json.dumps({{"outcomes": outcomes, "short": short}}))
+"""
+    result = run_script(procs, workdir, code, "close() of a ring racing sync() hung", timeout=100)
+    assert result["short"] == []
+    assert result["outcomes"] == {"returned": 150}
