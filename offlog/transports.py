@@ -293,6 +293,10 @@ class _Channel:
             self._wait_and_poll(deadline)
         return self._events.popleft()
 
+    def put_back(self, event: Any) -> None:
+        """An answer another waiter asked for (a BYE read by a sync()): first in line again."""
+        self._events.appendleft(event)
+
     def server_error(self, deadline: Deadline) -> BaseException:
         """The error the server sent before closing (or a BrokenPipeError)."""
         try:
@@ -701,6 +705,9 @@ class Transport:
             except BaseException:
                 self._raise_if_handed_over()
                 raise
+            if type(event) is P.Bye:  # a close() in another thread asked for this one
+                self._control.channel.put_back(event)
+                raise ValueError("the ProxyFile was closed meanwhile")
             if type(event) is P.Flushed and event.token == request:
                 if position is not None:  # what FLUSHED covers is written (a ring's TAIL says so itself)
                     data.locked(data.confirmed_locked, position)

@@ -263,7 +263,12 @@ class Producer(token.Guarded):
         self._limit = -1
 
     def unconfirmed_bytes(self) -> int:
-        return self._head - self._tail if self._words is not None else 0
+        """Bytes published that the consumer has not confirmed (the live TAIL word;
+        a TAIL outside what was published counts as nothing confirmed since the last)."""
+        if self._words is None:
+            return 0
+        tail = self._words[TAIL_WORD]
+        return self._head - (tail if self._tail <= tail <= self._head else self._tail)
 
     def _unconfirmed_into(self, out: Backlog) -> int:
         """Token held, handing over: the ring's unconfirmed bytes into ``out``;
