@@ -485,7 +485,8 @@ class Session:
         except _Reported as exc:
             self._send_error(exc.error)
         except P.ProtocolError as exc:
-            server.warn(f"Client {self.id} protocol error: {exc}")
+            where = f" (state {exc.state}, {exc.event})" if exc.event else ""
+            server.warn(f"Client {self.id} protocol error{where}: {exc}")
             self._send_error(exc)
         except Exception as exc:  # one client's failure never takes the server down
             server.warn(f"Client {self.id} error: {P.exception_text(exc)}")

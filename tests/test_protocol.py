@@ -1505,3 +1505,14 @@ def test_a_malformed_server_frame_is_a_protocol_error_and_nothing_else(case):
         receive(conn, data)
         events_until_wait(conn)
     assert conn.state == "ERROR" and conn.next_event() is PAUSED
+
+
+def test_a_refused_frame_names_the_state_and_the_event_beside_the_documented_detail():
+    """The text stays section 5.9's detail (it goes on the wire); the error also
+    carries the state the machine was in and the event it refused."""
+    conn = server_in("DATA")
+    receive(conn, frame(b"O", struct.pack("<HH", 2, 0) + b"/tmp/x"))
+    with pytest.raises(ProtocolError) as caught:
+        conn.next_event()
+    assert str(caught.value) == "unexpected frame 'O' after the handshake"
+    assert (caught.value.state, caught.value.event) == ("DATA", "Open")

@@ -220,7 +220,7 @@ class _Connection:
         """Move the state for ``event`` received, or raise the ProtocolError."""
         following = self.RECEIVES.get(self.state, {}).get(name or E.key(event))
         if following is None:
-            raise self._broken(f"{name or E.key(event)} is not allowed in state {self.state}")
+            raise self._broken(f"{name or E.key(event)} is not allowed in state {self.state}", name or E.key(event))
         self.state = following
         return event
 
@@ -236,9 +236,11 @@ class _Connection:
             return NEED_DATA
         return None
 
-    def _broken(self, detail: str) -> ProtocolError:
+    def _broken(self, detail: str, event: Optional[str] = None) -> ProtocolError:
+        """The peer sent what this state refuses: the machine is done (ERROR)."""
+        error = ProtocolError(detail, self.state, event)
         self.state = "ERROR"
-        return ProtocolError(detail)
+        return error
 
     def _no_legacy_form(self, event: Any) -> ProtocolError:
         name = E.key(event)
@@ -315,7 +317,7 @@ class ServerConnection(_Connection):
     def _frame_event(self, frame: W.Frame) -> Any:
         name = _FROM_CLIENT[frame.type]
         if name not in self.RECEIVES[self.state]:
-            raise self._broken(_SERVER_UNEXPECTED[self.state].format(letter=chr(frame.type)))
+            raise self._broken(_SERVER_UNEXPECTED[self.state].format(letter=chr(frame.type)), name)
         payload = frame.payload
         try:
             if name == "Data":

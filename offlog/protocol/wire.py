@@ -119,7 +119,14 @@ class ProtocolError(Exception):
     Not a ValueError: a bad path is a ValueError (an open error, section 6.4
     of docs/protocol.md) and must not be mistaken for one of these. On the
     wire the server still says ``ValueError: protocol error: <detail>``, the
-    text 0.x clients understand (:func:`protocol_error_text`)."""
+    text 0.x clients understand (:func:`exception_text`). A connection
+    machine that refuses an event also names the state it was in and the
+    event (``state``, ``event``); the text stays the detail of section 5.9."""
+
+    def __init__(self, detail: str, state: Optional[str] = None, event: Optional[str] = None) -> None:
+        super().__init__(detail)
+        self.state = state
+        self.event = event
 
 
 class Frame(NamedTuple):
