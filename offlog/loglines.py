@@ -488,4 +488,6 @@ class SinkOutput:
             try:
                 view = view[os.write(self.fd, view) :]
             except BlockingIOError:  # a descriptor someone made non-blocking: wait, as for a blocking one
-                select.select([], [self.fd], [])
+                poller = select.poll()  # (not select(): a busy server's descriptors pass 1024)
+                poller.register(self.fd, select.POLLOUT)
+                poller.poll()
