@@ -681,8 +681,8 @@ class Session:
                 else:
                     self._append(batch)
                     return kind is P.EndOfData
-        except P.ProtocolError:
-            if not (self.server.stopping and self.conn.state == "ERROR"):
+        except P.TruncatedFrame:
+            if not self.server.stopping:
                 raise
             self._append(batch)
             self.server.info(f"Client {self.id} cut off in the middle of a frame: {self.conn.pending} bytes discarded")

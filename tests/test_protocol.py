@@ -64,6 +64,7 @@ from offlog.protocol import (
     ShmOffer,
     StatusReply,
     StatusRequest,
+    TruncatedFrame,
     Written,
     key,
 )
@@ -1516,3 +1517,18 @@ def test_a_refused_frame_names_the_state_and_the_event_beside_the_documented_det
         conn.next_event()
     assert str(caught.value) == "unexpected frame 'O' after the handshake"
     assert (caught.value.state, caught.value.event) == ("DATA", "Open")
+
+
+def test_end_of_data_inside_a_frame_is_a_truncated_frame_and_only_that_is():
+    """The server tells a cut-off frame (answered with the shutdown error during a
+    stop) from every other protocol error by its class, not by its state."""
+    conn = server_in("DATA")
+    receive(conn, frame(b"D", b"cut off")[:-2])
+    receive(conn, b"")
+    with pytest.raises(TruncatedFrame, match="^end of data in the middle of a frame: 10 bytes discarded$"):
+        conn.next_event()
+    conn = server_in("DATA")
+    receive(conn, frame(b"O", struct.pack("<HH", 2, 0) + b"/tmp/x"))
+    with pytest.raises(ProtocolError) as caught:
+        conn.next_event()
+    assert not isinstance(caught.value, TruncatedFrame)

@@ -52,12 +52,12 @@ from .events import (
     key,
 )
 from .wire import *  # noqa: F403
-from .wire import ProtocolError, exception_text
+from .wire import ProtocolError, TruncatedFrame, exception_text
 
 __all__ = [
     "CLIENT_RECEIVES", "CLIENT_SENDS", "NEED_DATA", "PAUSED", "SERVER_RECEIVES", "SERVER_SENDS",
     "ClientConnection", "ServerConnection", "Bye", "Closed", "Data", "Dropped", "EndOfData", "Error",
     "Flush", "Flushed", "Greeting", "InvalidPath", "NotFramed", "Open", "Opened", "OpenPath", "Preamble",
     "Reopened", "ReopenRequest", "ShmAccept", "ShmDecline", "ShmOffer", "StatusReply", "StatusRequest",
-    "Written", "key", "ProtocolError", "exception_text",
+    "Written", "key", "ProtocolError", "TruncatedFrame", "exception_text",
 ]

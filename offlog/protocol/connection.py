@@ -236,9 +236,9 @@ class _Connection:
             return NEED_DATA
         return None
 
-    def _broken(self, detail: str, event: Optional[str] = None) -> ProtocolError:
+    def _broken(self, detail: str, event: Optional[str] = None, kind: type = ProtocolError) -> ProtocolError:
         """The peer sent what this state refuses: the machine is done (ERROR)."""
-        error = ProtocolError(detail, self.state, event)
+        error = kind(detail, self.state, event)
         self.state = "ERROR"
         return error
 
@@ -280,7 +280,8 @@ class ServerConnection(_Connection):
             return NEED_DATA
         if state == "DATA":
             if self._frames.pending:
-                raise self._broken(f"end of data in the middle of a frame: {self._frames.pending} bytes discarded")
+                detail = f"end of data in the middle of a frame: {self._frames.pending} bytes discarded"
+                raise self._broken(detail, kind=W.TruncatedFrame)
             return self._received(E.EndOfData())
         return self._received(E.Closed())  # OPEN, OFFERED: the handshake was never finished
 

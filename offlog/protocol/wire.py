@@ -129,6 +129,12 @@ class ProtocolError(Exception):
         self.event = event
 
 
+class TruncatedFrame(ProtocolError):
+    """The peer's data ended in the middle of a frame (docs/protocol.md 5.7): the
+    frame is discarded, never written in part. During a server stop this is
+    answered with the shutdown error instead of a protocol error."""
+
+
 class Frame(NamedTuple):
     type: int
     payload: memoryview
