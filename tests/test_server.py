@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -434,3 +435,30 @@ def test_status_answers_while_ring_sessions_come_and_go(shm_server, workdir):
     assert not churner.is_alive()
     assert saw_rings >= 20, "the queries never met ring sessions: the race was not exercised"
     assert (workdir / "churn.log").read_bytes() == (b"x" * 100 + b"\n") * len(cycles)
+
+
+def test_a_stop_answers_a_frame_cut_off_by_it_with_the_shutdown_error(server, workdir):
+    """A stop shuts every session's read side: a client caught half-way through a
+    frame is told the server exited (errno ESHUTDOWN), not that it broke the protocol,
+    and the whole frames before the cut one are written."""
+    target = workdir / "cut.log"
+    with raw_connect(server.sock) as s:
+        client = P.ClientConnection()
+        s.sendall(client.send(P.Open(str(target))))
+        events = []
+        while len(events) < 2:
+            client.receive_data(s.recv(4096))
+            while (event := client.next_event()) is not P.NEED_DATA:
+                events.append(event)
+        assert [type(event) for event in events] == [P.Greeting, P.Opened]
+        s.sendall(client.send(P.Data(memoryview(b"whole\n"))) + client.send(P.Data(memoryview(b"cut off\n")))[:-3])
+        server.wait_log(f"opened {target}")
+        assert server.stop() == 0
+        client.receive_data(b"".join(iter(lambda: s.recv(4096), b"")))
+        client.receive_data(b"")
+        reply = list(iter(client.next_event, P.PAUSED))
+    assert [type(event) for event in reply] == [P.Written, P.Error, P.Closed], reply
+    assert reply[0].position == len(b"whole\n")  # confirmed: the client need not send it again
+    assert reply[1].exception.errno == errno.ESHUTDOWN and "offlog server exited" in str(reply[1].exception)
+    assert target.read_bytes() == b"whole\n"
+    assert "cut off in the middle of a frame: 10 bytes discarded" in server.output()

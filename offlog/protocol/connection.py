@@ -95,7 +95,7 @@ SERVER_SENDS: Table = {
     "DATA": {"Flushed": "DATA", "Written": "DATA", "Error": "CLOSED"},
     "ENDED": {"Written": "ENDED", "Bye": "CLOSED", "Error": "CLOSED"},
     "REQUESTED": {"StatusReply": "CLOSED", "Reopened": "CLOSED", "Error": "CLOSED"},
-    "ERROR": {"Error": "CLOSED"},
+    "ERROR": {"Written": "ERROR", "Error": "CLOSED"},
     "CLOSED": {},
 }
 #: What a client is told when its frame does not fit the state (5.9).
