@@ -232,13 +232,8 @@ def status_main(argv: List[str]) -> int:
     from .transports import server_status  # a client's work: the server process never loads it
 
     args = status_parser().parse_args(argv)
-    try:
-        status = server_status(args.socket_file, args.timeout, server_uid=args.server_uid)
-    except UntrustedServerError as exc:
-        print(_refused("status", exc), file=sys.stderr)
-        return 1
-    except (OSError, ValueError, EOFError, ProtocolError) as exc:
-        print(f"offlog status: no answer from {args.socket_file}: {exc}", file=sys.stderr)
+    status = _ask("status", server_status, args)
+    if status is None:
         return 1
     try:
         print(json.dumps(status, indent=2) if args.json else render_status(status))
@@ -266,17 +261,23 @@ def reopen_main(argv: List[str]) -> int:
     from .control import request_reopen  # a client's work: the server process never loads it
 
     args = reopen_parser().parse_args(argv)
-    try:
-        result = request_reopen(args.socket_file, args.timeout, server_uid=args.server_uid)
-    except UntrustedServerError as exc:
-        print(_refused("reopen", exc), file=sys.stderr)
-        return 1
-    except (OSError, ValueError, EOFError, ProtocolError) as exc:
-        print(f"offlog reopen: no answer from {args.socket_file}: {exc}", file=sys.stderr)
+    result = _ask("reopen", request_reopen, args)
+    if result is None:
         return 1
     for failure in result["failed"]:
         print(f"offlog reopen: could not reopen {failure['path']}: {failure['error']}", file=sys.stderr)
     return 1 if result["failed"] else 0
+
+
+def _ask(command: str, request, args) -> Optional[dict]:
+    """A control request's answer, or None after saying in one line why there is none."""
+    try:
+        return request(args.socket_file, args.timeout, server_uid=args.server_uid)
+    except UntrustedServerError as exc:
+        print(_refused(command, exc), file=sys.stderr)
+    except (OSError, ValueError, EOFError, ProtocolError) as exc:
+        print(f"offlog {command}: no answer from {args.socket_file}: {exc}", file=sys.stderr)
+    return None
 
 
 def _unwritable(path: str, exc: OSError) -> str:
