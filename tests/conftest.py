@@ -3,7 +3,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from support import Processes, ServerProcess, peer_path, pid_alive, shm_objects, short_tempdir
+from support import Processes, peer_path, pid_alive, shm_objects, short_tempdir, started_servers
 
 
 @pytest.fixture
@@ -23,17 +23,7 @@ def procs():
 @pytest.fixture
 def start_server(procs, workdir):
     """Factory: start_server("--shm", ...) -> a running ServerProcess."""
-    started = []
-
-    def start(*args, **kw):
-        server = ServerProcess(procs, workdir, *args, **kw).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.stop()
+    yield from started_servers(procs, workdir)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real processes for the tests: offlog servers, 0.x peers, client scripts.
+"""Real processes for the tests: offlog servers, 0.x peers, client scripts, offlog commands.
 
 Every process started here is remembered and ended by pid at teardown; every
 temporary directory is short (Unix socket paths are limited to 108 bytes) and
@@ -17,7 +17,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / ".peers"
@@ -205,6 +205,22 @@ class ServerProcess:
         self.proc.wait()
 
 
+def started_servers(procs: Processes, workdir: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Body of a server factory fixture (``yield from``): ``start(*args, **kw)`` starts a
+    ServerProcess through ``procs`` in ``workdir``; those still running at teardown are stopped."""
+    started = []
+
+    def start(*args: str, **kw) -> ServerProcess:
+        server = ServerProcess(procs, workdir, *args, **kw).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.stop()
+
+
 def peer_path(version: str) -> str:
     """offlog==version from PyPI, installed into its own directory (cached in .peers/)."""
     target = PEERS_DIR / f"offlog-{version}"
@@ -253,6 +269,20 @@ def client_script(
         out, err = proc.communicate(timeout=timeout)
         proc.stdout_text, proc.stderr_text = out, err
     return proc
+
+
+def run_offlog(procs: Processes, workdir: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """``python -m offlog ARGS`` (our package) in ``workdir``, run to its end."""
+    proc = procs.start(
+        [sys.executable, "-m", "offlog", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(workdir),
+        env=child_env(),
+        text=True,
+    )
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def short_tempdir() -> Path:

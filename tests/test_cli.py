@@ -7,38 +7,22 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
-from typing import Tuple
 
 import pytest
-from support import Processes, child_env, shm_objects, socket_answers, wait_for
+from support import child_env, run_offlog, shm_objects, socket_answers, wait_for
 
 import offlog
 
 NO_GROUP = "offlog-no-such-group"
 
 
-def run_offlog(procs: Processes, workdir: Path, *args: str) -> Tuple[int, str, str]:
-    """``python -m offlog ARGS`` to its end: (returncode, stdout, stderr)."""
-    proc = procs.start(
-        [sys.executable, "-m", "offlog", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=str(workdir),
-        env=child_env(),
-        text=True,
-    )
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err
-
-
-def assert_one_usage_error(returncode: int, out: str, err: str, *fragments: str) -> str:
+def assert_one_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     """argparse's verdict: exit 2, one line on stderr naming the problem, no traceback."""
-    assert returncode == 2, (out, err)
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("python -m offlog: error: "), err
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("python -m offlog: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
     return lines[0]
@@ -46,8 +30,8 @@ def assert_one_usage_error(returncode: int, out: str, err: str, *fragments: str)
 
 def test_bad_ring_size_is_one_line_and_leaves_nothing(procs, workdir):
     sock, logfile = workdir / "offlog.sock", workdir / "server.log"
-    returncode, out, err = run_offlog(procs, workdir, "-s", str(sock), "-l", str(logfile), "--shm", "--ring-size", "3M")
-    line = assert_one_usage_error(returncode, out, err, "--ring-size", "3M", "power of two")
+    result = run_offlog(procs, workdir, "-s", str(sock), "-l", str(logfile), "--shm", "--ring-size", "3M")
+    line = assert_one_usage_error(result, "--ring-size", "3M", "power of two")
     assert "64K" in line and "1G" in line
     assert not sock.exists() and not logfile.exists()
     assert not shm_objects([procs.procs[-1].pid])
@@ -58,21 +42,21 @@ def test_unknown_socket_group_is_one_line_and_leaves_no_socket(procs, workdir):
         grp.getgrnam(NO_GROUP)
     sock, logfile = workdir / "offlog.sock", workdir / "server.log"
     result = run_offlog(procs, workdir, "-s", str(sock), "-l", str(logfile), "--socket-group", NO_GROUP)
-    assert_one_usage_error(*result, "--socket-group", f"no group named {NO_GROUP!r}")
+    assert_one_usage_error(result, "--socket-group", f"no group named {NO_GROUP!r}")
     assert not sock.exists() and not logfile.exists()
 
 
 def test_logfile_in_missing_directory_is_one_line(procs, workdir):
     sock, missing = workdir / "offlog.sock", workdir / "missing"
     result = run_offlog(procs, workdir, "-s", str(sock), "-l", str(missing / "x.log"))
-    assert_one_usage_error(*result, "-l/--logfile", f"directory {missing} does not exist")
+    assert_one_usage_error(result, "-l/--logfile", f"directory {missing} does not exist")
     assert not sock.exists() and not missing.exists()
 
 
 def test_logfile_that_is_a_directory_is_one_line(procs, workdir):
     sock = workdir / "offlog.sock"
     result = run_offlog(procs, workdir, "-s", str(sock), "-l", str(workdir))
-    assert_one_usage_error(*result, "-l/--logfile", f"cannot open {workdir}: Is a directory")
+    assert_one_usage_error(result, "-l/--logfile", f"cannot open {workdir}: Is a directory")
     assert not sock.exists()
 
 
@@ -86,7 +70,7 @@ def test_logfile_that_is_a_directory_is_one_line(procs, workdir):
 )
 def test_size_type_error_reads_well(procs, workdir, option, value, says):
     sock = workdir / "offlog.sock"
-    line = assert_one_usage_error(*run_offlog(procs, workdir, "-s", str(sock), option, value), option, says)
+    line = assert_one_usage_error(run_offlog(procs, workdir, "-s", str(sock), option, value), option, says)
     assert "invalid" not in line and "_size" not in line and "<lambda>" not in line
     assert not sock.exists()
 
@@ -116,7 +100,8 @@ def test_ring_size_without_shm_warns_and_starts(procs, workdir):
 
 
 def test_version(procs, workdir):
-    assert run_offlog(procs, workdir, "--version") == (0, f"offlog {offlog.__version__}\n", "")
+    result = run_offlog(procs, workdir, "--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"offlog {offlog.__version__}\n", "")
 
 
 def test_status_into_closed_pipe_exits_quietly(server, procs, workdir):
@@ -145,22 +130,22 @@ def test_status_into_closed_pipe_exits_quietly(server, procs, workdir):
 
 def test_refuses_to_start_over_a_live_server_in_one_line(server, procs, workdir):
     logfile = workdir / "second.log"
-    returncode, out, err = run_offlog(procs, workdir, "-s", server.sock, "-l", str(logfile))
-    assert returncode == 1
-    lines = err.splitlines()
-    assert len(lines) == 1, err
+    result = run_offlog(procs, workdir, "-s", server.sock, "-l", str(logfile))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
     assert f"offlog ERROR] Cannot listen on {server.sock}: another offlog server is already listening" in lines[0]
-    assert "Traceback" not in out + logfile.read_text()
+    assert "Traceback" not in result.stdout + logfile.read_text()
     assert socket_answers(server.sock), "the first server must keep its socket"
 
 
 def test_refuses_to_replace_a_file_that_is_not_a_socket_in_one_line(procs, workdir):
     path = workdir / "not-a-socket"
     path.write_text("precious")
-    returncode, out, err = run_offlog(procs, workdir, "-s", str(path))
-    assert returncode == 1
-    lines = err.splitlines()
-    assert len(lines) == 1, err
+    result = run_offlog(procs, workdir, "-s", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
     assert f"offlog ERROR] Cannot listen on {path}: the path exists and is not a socket" in lines[0]
-    assert "Traceback" not in out
+    assert "Traceback" not in result.stdout
     assert path.read_text() == "precious"

@@ -12,12 +12,11 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from support import REPO, wait_for
+from support import ServerProcess, run_offlog, wait_for
 
 import offlog
 from offlog import protocol as P
@@ -40,15 +39,9 @@ def whole_records(data: bytes) -> int:
     return count
 
 
-def offlog_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "offlog", *args], capture_output=True, text=True, cwd=str(REPO), timeout=120
-    )
-
-
-def file_status(sock: str, path: Path) -> dict:
-    """The ``files`` entry of ``path`` in ``offlog status --json``."""
-    done = offlog_cli("status", "-s", sock, "--json")
+def file_status(server: ServerProcess, path: Path) -> dict:
+    """The ``files`` entry of ``path`` in ``offlog status --json`` of ``server``."""
+    done = run_offlog(server.procs, server.workdir, "status", "-s", server.sock, "--json")
     assert done.returncode == 0, done.stderr
     (entry,) = [e for e in json.loads(done.stdout)["files"] if e["path"] == str(path)]
     return entry
@@ -242,7 +235,7 @@ def undo_unwritable(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["directory", "immutable"])
 def test_failed_reopen_keeps_writing_old_file_logs_once_and_shows_in_status(
-    server, workdir, no_immutable_leftovers, how
+    server, procs, workdir, no_immutable_leftovers, how
 ):
     """logrotate renamed the file and created one the server cannot open: the server
     keeps appending to the renamed file, says so once (not at every later check or
@@ -266,10 +259,10 @@ def test_failed_reopen_keeps_writing_old_file_logs_once_and_shows_in_status(
             probe.wait()
             assert server.output().count(f"Could not reopen {path}") == 1
 
-            entry = file_status(server.sock, path)
+            entry = file_status(server, path)
             expected = "PermissionError" if how == "immutable" else "IsADirectoryError"
             assert entry["reopen_error"].startswith(expected) and str(path) in entry["reopen_error"]
-            shown = offlog_cli("status", "-s", server.sock)
+            shown = run_offlog(procs, workdir, "status", "-s", server.sock)
             assert shown.returncode == 0, shown.stderr
             assert f"{path}: {expected}" in shown.stdout
         finally:
@@ -277,8 +270,8 @@ def test_failed_reopen_keeps_writing_old_file_logs_once_and_shows_in_status(
         if how == "directory":
             server.wait_log(f"Reopened {path}")  # its removal is an inotify event
         else:
-            assert offlog_cli("reopen", "-s", server.sock).returncode == 0
-        assert file_status(server.sock, path)["reopen_error"] is None
+            assert run_offlog(procs, workdir, "reopen", "-s", server.sock).returncode == 0
+        assert file_status(server, path)["reopen_error"] is None
         f.write(b"three\n")
     finally:
         probe.close()
@@ -331,7 +324,7 @@ def test_file_size_limit_leaves_no_torn_record(server, workdir):
 
 
 # -- offlog reopen ------------------------------------------------------------------------
-def test_reopen_command_reopens_every_file_and_reports_failures(server, workdir):
+def test_reopen_command_reopens_every_file_and_reports_failures(server, procs, workdir):
     """``offlog reopen`` returns once every file is reopened: after it, nothing more goes
     to the rotated files (logrotate may compress them). A file it cannot reopen makes it
     exit 1 and name the file and the reason; the other files are reopened all the same."""
@@ -342,14 +335,14 @@ def test_reopen_command_reopens_every_file_and_reports_failures(server, workdir)
     for p in paths:
         wait_for(lambda p=p: p.exists() and p.read_bytes() == b"old\n", what=f"{p} written")
         p.rename(p.with_suffix(".log.1"))
-    done = offlog_cli("reopen", "-s", server.sock)
+    done = run_offlog(procs, workdir, "reopen", "-s", server.sock)
     assert (done.returncode, done.stderr) == (0, "")
     assert all(p.exists() for p in paths), "every file must be reopened when the command returns"
 
     paths[0].rename(paths[0].with_suffix(".log.2"))
     paths[0].mkdir()
     try:
-        failed = offlog_cli("reopen", "-s", server.sock)
+        failed = run_offlog(procs, workdir, "reopen", "-s", server.sock)
     finally:
         paths[0].rmdir()
     assert failed.returncode == 1
@@ -365,20 +358,20 @@ def test_reopen_command_reopens_every_file_and_reports_failures(server, workdir)
         assert p.read_bytes() == b"new\n"
 
 
-def test_reopen_command_without_a_server_says_so(workdir):
-    done = offlog_cli("reopen", "-s", str(workdir / "nobody.sock"), "--timeout", "2000")
+def test_reopen_command_without_a_server_says_so(procs, workdir):
+    done = run_offlog(procs, workdir, "reopen", "-s", str(workdir / "nobody.sock"), "--timeout", "2000")
     assert done.returncode == 1
     assert "offlog reopen: no answer from" in done.stderr
 
 
-def test_sighup_and_reopen_command_run_the_same_routine(server, workdir):
+def test_sighup_and_reopen_command_run_the_same_routine(server, procs, workdir):
     """Both reopen every file and log the same summary."""
     f = offlog.ProxyFile(str(workdir / "app.log"), server.sock, shm=False)
     try:
         server.signal(signal.SIGHUP)
         server.wait_log("Received SIGHUP, reopening all files")
         server.wait_log("Reopened 1 of 1 files, 0 failed")
-        assert offlog_cli("reopen", "-s", server.sock).returncode == 0
+        assert run_offlog(procs, workdir, "reopen", "-s", server.sock).returncode == 0
         assert "reopening all files" in server.output().split("Received SIGHUP", 1)[1]
         assert server.output().count("Reopened 1 of 1 files, 0 failed") == 2
     finally:

@@ -7,26 +7,9 @@ suite does.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from driver import run_script
-from support import child_env
-
-
-def offlog_command(procs, workdir, *args: str):
-    """``python -m offlog ARGS`` to its end: (returncode, stdout, stderr)."""
-    proc = procs.start(
-        [sys.executable, "-m", "offlog", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=str(workdir),
-        env=child_env(),
-        text=True,
-    )
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, out, err
+from support import run_offlog
 
 
 # Bug: ProtocolError stopped being a ValueError, but `offlog status` and
@@ -36,11 +19,11 @@ def offlog_command(procs, workdir, *args: str):
 @pytest.mark.parametrize("command", ["status", "reopen"])
 def test_control_commands_against_a_0x_server_answer_in_one_line(command, peers, start_server, procs, workdir):
     server = start_server(pythonpath=peers["0.3.1"])
-    returncode, out, err = offlog_command(procs, workdir, command, "-s", server.sock)
-    assert returncode == 1, (out, err)
-    assert "Traceback" not in err, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"offlog {command}: "), err
+    result = run_offlog(procs, workdir, command, "-s", server.sock)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"offlog {command}: "), result.stderr
 
 
 # Bug: two threads closing one ProxyFile. The second close() reaches

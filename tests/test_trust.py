@@ -17,12 +17,20 @@ import pwd
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Optional
 
 import pytest
-from support import Processes, ServerProcess, child_env, socket_answers, wait_for
+from support import (
+    Processes,
+    ServerProcess,
+    child_env,
+    client_script,
+    run_offlog,
+    socket_answers,
+    started_servers,
+    wait_for,
+)
 
 import offlog
 from offlog.client import server_status
@@ -160,30 +168,7 @@ def as_nobody(procs):
 @pytest.fixture
 def start_as_nobody(as_nobody, shared):
     """Factory: an offlog server (ours, or a 0.x peer's with ``pythonpath``) running as nobody."""
-    started = []
-
-    def start(*args, **kw):
-        server = ServerProcess(as_nobody, shared, *args, **kw).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.stop()
-
-
-def run_offlog(procs: Processes, workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    proc = procs.start(
-        [sys.executable, "-m", "offlog", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=str(workdir),
-        env=child_env(),
-        text=True,
-    )
-    out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    yield from started_servers(as_nobody, shared)
 
 
 # -- server_uid= itself --------------------------------------------------------------
@@ -274,16 +259,8 @@ def test_a_client_of_another_user_accepts_a_root_server(start_server, as_nobody,
             f.write(b"from nobody to root\\n")
         print("closed")
     """
-    client = as_nobody.start(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=str(shared),
-        env=child_env(),
-        text=True,
-    )
-    out, err = client.communicate(timeout=60)
-    assert (client.returncode, out) == (0, "closed\n"), err
+    client = client_script(as_nobody, shared, code)
+    assert (client.returncode, client.stdout_text) == (0, "closed\n"), client.stderr_text
     assert target.read_bytes() == b"from nobody to root\n"
 
 
