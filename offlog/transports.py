@@ -566,6 +566,14 @@ class Transport:
             return
         if data.error is not None:
             raise data.error.with_traceback(None)
+        channel = self._control.channel
+        channel.poll()
+        if not channel.closing():
+            # The server has not said why yet: a stopping server shuts its read side
+            # first and writes what it has before it says so, which can take long.
+            # A write never waits for that: the bytes stay unconfirmed, and the next
+            # call (or a sync()/close(), which wait) looks again.
+            return
         error = self._control.server_error()
         if isinstance(error, BrokenPipeError) and code not in (errno.ESHUTDOWN, errno.EPIPE):
             error = OSError(code, os.strerror(code))  # a file error that only the ring's header told
@@ -831,6 +839,7 @@ def open_transport(
             return Transport(channel, timeout_ms, limit)
         return _take_offer(channel, channel.answer(deadline), shm, timeout_ms, limit)
     except BaseException:
+        channel.close_fds()  # an offer's descriptor kept between two answers
         channel.sock.close()
         raise
 

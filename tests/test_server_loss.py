@@ -209,3 +209,67 @@ def test_block_policy_while_reconnecting_delivers_the_record(start_server, start
     client.run("f.close()")
     written = keys("A", range(10)) | keys("B", range(40))
     assert_at_least_once(target.read_bytes(), written, written)
+
+
+def test_a_write_never_waits_for_a_stopping_server_to_say_why(procs, workdir):
+    """A stopping server shuts every client's read side at once, but says "server exited"
+    only after writing what it holds, which can take as long as its file is slow (here a
+    FIFO nobody reads yet). A write that meets the shut socket returns at once: it does
+    not wait for that word (the ProxyFile's timeout is 10 minutes). Nothing is lost."""
+    import os
+    import threading
+
+    from offlog import ProxyFile
+    from offlog.server import STOP_GRACE
+
+    fifo = workdir / "slow.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # there, but not reading yet
+    server = ServerProcess(procs, workdir).start()
+    f = ProxyFile(str(fifo), server.sock, 600_000, shm=False)
+    record = lambda i: b"%06d " % i + b"r" * 1016 + b"\n"  # noqa: E731
+    try:
+        for i in range(200):  # 200 KiB: the server's write blocks on the full pipe
+            f.write(record(i))
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_log("shutting down")
+        writer = threading.Thread(target=lambda: [f.write(record(i)) for i in range(200, 210)])
+        writer.start()
+        # Ten writes take microseconds. Waiting for the server's word would take until
+        # it gives up on the FIFO (STOP_GRACE, 10 s): half of that tells the two apart.
+        writer.join(STOP_GRACE / 2)
+        assert not writer.is_alive(), "write() waited for the stopping server"
+        assert server.proc.poll() is None, "the server has not said anything yet"
+        collected = bytearray()
+        done = threading.Event()
+
+        def drain() -> None:
+            while not done.is_set():
+                try:
+                    chunk = os.read(reader, 1 << 16)
+                except BlockingIOError:
+                    chunk = b""
+                if chunk:
+                    collected.extend(chunk)
+                else:
+                    time.sleep(0.01)
+
+        draining = threading.Thread(target=drain)
+        draining.start()
+        try:
+            assert server.proc.wait(60) == 0
+            ServerProcess(procs, workdir, sock=server.sock).start()
+            f.close()
+            wanted = {record(i) for i in range(210)}
+            deadline = time.monotonic() + 60
+            while not wanted <= set(bytes(collected).splitlines(keepends=True)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            done.set()
+            draining.join(30)
+        lines = bytes(collected).splitlines(keepends=True)
+        assert wanted <= set(lines), "records were lost"
+        assert set(lines) <= wanted, "a record was torn"
+    finally:
+        f.close()
+        os.close(reader)
