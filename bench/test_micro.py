@@ -53,7 +53,7 @@ def test_info(benchmark, open_sink, system: str) -> None:
 @pytest.mark.benchmark(group="doorbell post")
 def test_doorbell_post(benchmark) -> None:
     server = ServerRing(1 << 16)
-    client = ClientRing(1 << 16, os.dup(server.fd), on_failed=lambda code: None)
+    client = ClientRing(1 << 16, server.fd, on_failed=lambda code: None)
     server.close_fd()
     try:
         benchmark(client.post)

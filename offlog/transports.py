@@ -865,22 +865,25 @@ def _take_offer(
     """Map the offered ring and accept it; decline it (a socket session) if that
     fails. The ring is the one descriptor that came with the offer, checked
     before it is mapped (:class:`~offlog.shm.ClientRing`); every descriptor
-    received is closed or the ring's."""
-    transport = Transport(channel, timeout_ms, limit)
+    received is closed here (the mapping needs none), whatever cuts this short
+    (an interrupt too)."""
     fds = channel.take_fds()
     try:
-        if channel.conn.version < P.SEALED_RINGS:
-            raise UnsafeRing(f"the server speaks protocol {channel.conn.version}: its rings have names, not seals")
-        if len(fds) != 1:
-            raise UnsafeRing(f"the offer came with {len(fds)} descriptors, expected 1")
-        ring = ClientRing(offer.capacity, fds.pop(), **transport.ring_options())
-    except Exception as exc:
+        transport = Transport(channel, timeout_ms, limit)
+        try:
+            if channel.conn.version < P.SEALED_RINGS:
+                raise UnsafeRing(f"the server speaks protocol {channel.conn.version}: its rings have names, not seals")
+            if len(fds) != 1:
+                raise UnsafeRing(f"the offer came with {len(fds)} descriptors, expected 1")
+            ring = ClientRing(offer.capacity, fds[0], **transport.ring_options())
+        except Exception as exc:
+            channel.sock.sendall(channel.say(P.ShmDecline(P.exception_text(exc))))
+            if shm:
+                raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
+            return transport  # a socket transport
+    finally:
         for fd in fds:
             os.close(fd)
-        channel.sock.sendall(channel.say(P.ShmDecline(P.exception_text(exc))))
-        if shm:
-            raise ShmUnavailableError(f"shm=True but the ring could not be opened: {exc}") from exc
-        return transport  # a socket transport
     channel.sock.sendall(channel.say(P.ShmAccept()))
     transport.attach_ring(ring)
     return transport

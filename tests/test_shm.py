@@ -245,7 +245,7 @@ def test_a_client_that_resizes_its_ring_gets_eperm_and_the_server_serves_on(shm_
     target = workdir / "vandal.log"
     sock, conn, capacity, (fd,) = take_offer(shm_server.sock, target)
     size = 256 + capacity
-    ring = ClientRing(capacity, os.dup(fd), on_failed=lambda code: pytest.fail(f"the ring failed: {code}"))
+    ring = ClientRing(capacity, fd, on_failed=lambda code: pytest.fail(f"the ring failed: {code}"))
     sock.sendall(conn.send(P.ShmAccept()))
     ring.producer.write(b"vandal before\n")
     reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)

@@ -295,14 +295,12 @@ class ClientRing:
     """Client side: checks the offered memory, maps it, produces into the ring."""
 
     def __init__(self, capacity: int, fd: int, **producer_options) -> None:
-        """``fd`` is the offered descriptor; it is closed here whatever happens."""
-        try:
-            layout.check_capacity(capacity)
-            size = layout.mapping_size(capacity)
-            check_sealed(fd, size)
-            mapping, address = _map(fd, size, MAP_FLAGS)
-        finally:
-            os.close(fd)
+        """``fd`` is the offered descriptor; the caller closes it (the mapping needs none),
+        so no interrupt between receiving it and mapping it can leave it open."""
+        layout.check_capacity(capacity)
+        size = layout.mapping_size(capacity)
+        check_sealed(fd, size)
+        mapping, address = _map(fd, size, MAP_FLAGS)
         self._sem_post = functools.partial(_libc().sem_post, address + layout.DOORBELL_OFFSET)
         self._map: Optional[memoryview] = mapping  # while set, the doorbell's address is mapped
         self.producer = Producer(mapping, capacity, self.post, **producer_options)
