@@ -451,20 +451,30 @@ class FileTable:
             self.keep_out.add(_identity(st))
 
     def acquire(self, path: str) -> OpenFile:
-        """Return the open file for ``path``, opening it if needed (may block).
+        """Return the open file for ``path``, opening it if needed (may block)."""
+        entry, first = self.reserve(path)
+        self.make_ready(entry, first)
+        return entry
 
-        A path already held is checked first: if another file is at the path
-        now, the entry is reopened, so this client writes to the file it named."""
+    def reserve(self, path: str) -> Tuple[OpenFile, bool]:
+        """The entry for ``path``, counting one more client, and whether this client
+        is its first (who opens it). Never blocks; :meth:`make_ready` does the rest."""
         with self._lock:
             entry = self._files.get(path)
             first = entry is None
             if first:
                 entry = self._files[path] = OpenFile(path, self._info, self._warn, self.keep_out)
             entry.clients += 1
-        if first:
-            self.watcher.watch(path)
+        return entry, first
+
+    def make_ready(self, entry: OpenFile, first: bool) -> None:
+        """Open a reserved entry (its first client) or wait for its first client's open
+        (the others, in order after it) (may block). A path already held is checked:
+        if another file is at the path now, the entry is reopened, so this client
+        writes to the file it named. A failure gives the reservation back and raises."""
         try:
             if first:
+                self.watcher.watch(entry.path)
                 entry.open()
             else:
                 entry.wait_open()
@@ -476,7 +486,6 @@ class FileTable:
         except BaseException:
             self.release(entry)
             raise
-        return entry
 
     def release(self, entry: OpenFile) -> bool:
         """Drop one client's reference; return True if the file was closed."""

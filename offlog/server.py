@@ -2,40 +2,39 @@
 
 Theory of operation
 -------------------
-The main thread only accepts connections and handles signals. Every client
-gets a :class:`Session` thread that does the client's blocking work: read the
-handshake, open the file, then move the client's bytes from the socket (or
-from its shared-memory ring) into the file. A file that stalls therefore
-stalls only the sessions writing to that file; every other client's
-handshake and data go on (no head-of-line blocking). Files are shared through
-:class:`~offlog.files.FileTable`, whose per-file lock keeps appends whole.
+One thread, the *event loop* (:meth:`Server.serve_forever`), owns every
+connection: it accepts, reads, parses and answers, and never blocks. Each
+connection is a :class:`Session` driving a
+:class:`~offlog.protocol.ServerConnection`: every byte read goes into it and
+every byte sent comes out of it; the protocol (both dialects, the state
+tables of docs/protocol.md 5.7, every protocol error) lives there, and a
+session only does non-blocking I/O and acts on events.
 
-Every byte a session reads goes into its
-:class:`~offlog.protocol.ServerConnection` and every byte it sends comes out
-of it: the protocol (both dialects, the state tables of docs/protocol.md
-5.7, every protocol error) lives there, and a session only does the I/O and
-acts on events: open the file for an ``Open``, append ``Data``, answer a
-``Flush`` once what came before it is written. BYE is only ever said when
-every byte of the client's is written: an EOF inside a frame is a protocol
-error.
+Everything that can block on a file (open, append, fsync, a ring's drain)
+is the writers' (:mod:`offlog.writers`): the loop hands them jobs per file
+and they report back with callbacks the loop runs (:meth:`Server.call_soon`,
+woken through a pipe). A stalled file therefore delays only its own clients,
+and threads grow with files stalled at once, not with clients. Sleeping
+rings' doorbells are watched by :mod:`offlog.shm.doorbells`.
 
-A ring session drains its ring and, with nothing to drain, waits on the
-ring's doorbell semaphore (:meth:`~offlog.shm.objects.ServerRing.wait`, the
-nap and sleep handshake that :mod:`offlog.shm.ring` argues), so it cannot
-also block in ``recv``: the control watcher (``Server.control_watcher``, a
-:class:`~offlog.watcher.Watcher` thread) watches the control sockets of all
-ring sessions with one ``epoll`` (one-shot) and rings a session's doorbell
-when its socket has something to say (a FLUSH, an EOF, a kill).
+Bounds. A socket client whose bytes the writers have not written yet
+(``SESSION_BUFFER``) is not read until they have: it waits in its own socket.
+A client that does not read its answers (``OUT_LIMIT``) is not read either.
+A handshake has a total deadline (``--handshake-timeout``).
+
+Ring sessions: after the offer the ring carries the data and the control
+socket carries FLUSH, DROPPED and the end; the loop reads it like any other.
 
 Stopping (SIGINT/SIGTERM): stop accepting, remove the socket file, shut the
-read side of every client socket (data already received stays readable),
-wake every ring session; each session writes everything it has, tells its
-client ``OSError: offlog server exited`` and closes.
+read side of every client socket (data already received stays readable);
+each session's data is read to its end and written, then the client hears
+``OSError: offlog server exited``. Sessions a stuck file holds past
+``STOP_GRACE`` are closed as they are.
 
 Rotation: the :class:`~offlog.files.RotationWatcher` thread follows renamed
 and deleted files. SIGHUP (handled on that thread) and a REOPEN request
-(``offlog reopen``, handled on the requesting session's thread, which answers
-once every file is reopened) both run :meth:`Server.reopen_all`.
+(``offlog reopen``, answered from a thread of its own once every file is
+reopened) both run :meth:`Server.reopen_all`.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ from __future__ import annotations
 import errno
 import faulthandler
 import grp
+import heapq
 import os
-import select
 import selectors
 import signal
 import socket
@@ -52,16 +51,17 @@ import stat
 import threading
 import time
 from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as P
 from .defaults import HANDSHAKE_TIMEOUT
 from .files import FileTable, OpenFile
 from .loglines import LineLogger, printable
-from .shm import DEFAULT_CAPACITY, RingCorrupt, ServerRing, check_capacity, unsupported_reason
+from .shm import DEFAULT_CAPACITY, ServerRing, check_capacity, unsupported_reason
+from .shm.doorbells import Doorbells
 from .trust import describe_uid, peer_credentials
-from .watcher import Watcher
+from .writers import Writers
 
 #: Ring memory (data bytes of all rings) at most, unless --max-ring-memory says otherwise:
 #: this, or half of /dev/shm if that is smaller.
@@ -74,15 +74,16 @@ SERVER_EXITED = OSError("offlog server exited")  # framed clients also get errno
 ACCEPT_PAUSE = 0.1
 #: Seconds without a client turned away that end a burst of them (and log its counts).
 BURST_QUIET = 5.0
-#: What a client turned away at accept hears (errno EAGAIN, resp. EMFILE/ENFILE).
-NO_THREAD = "the offlog server cannot start a thread for this client (thread or process limit); try again later"
+#: What a client turned away at accept hears (errno EMFILE/ENFILE).
 NO_DESCRIPTOR = "the offlog server has no file descriptor left for this client; try again later"
 #: A socket session acknowledges written bytes (WRITTEN) at least this often.
 ACK_EVERY = 64 * 1024
-
-
-class ClientGone(Exception):
-    """The client closed or broke its connection."""
+#: Bytes of a socket client's handed to the writers and not written yet, past which it is not read.
+SESSION_BUFFER = 4 * 1024 * 1024
+#: Bytes of answers a client has not read, past which it is not read either.
+OUT_LIMIT = 1024 * 1024
+#: Seconds a closing session waits for its last words (ERROR, BYE) to leave.
+CLOSE_LINGER = 1.0
 
 
 class Server:
@@ -102,7 +103,6 @@ class Server:
         self.ring_size = check_capacity(ring_size) if shm else ring_size
         self.max_ring_memory = default_ring_memory() if max_ring_memory is None else max_ring_memory
         self.ring_memory = 0  # data bytes of the rings that exist now
-        self._ring_memory_lock = threading.Lock()
         self.handshake_timeout = handshake_timeout
         self.socket_mode = socket_mode
         self.socket_group = socket_group
@@ -114,16 +114,23 @@ class Server:
         self.stopping = False
         self._log = log
         self._log_lock = threading.Lock()
-        self._sessions: Dict[int, Session] = {}
-        self._sessions_lock = threading.Lock()
+        self.sessions: Dict[int, Session] = {}  # by socket descriptor; the loop's thread only
         self._next_id = 0
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector = selectors.DefaultSelector()
+        self._timers: List[Tuple[float, int, "Session"]] = []  # (when, session id, session): heap
+        self._calls: Deque[List[Callable[[], None]]] = deque()  # from writer threads, run by the loop
+        self._poked = False  # the wake pipe has a byte for the calls already
         self._listener: Optional[socket.socket] = None
+        self._listening = False
         self._spare_fd = -1  # closed to accept (and refuse) a client when descriptors run out
         self._paused_until = 0.0  # no accept() before this (time.monotonic())
         self._turned_away = _TurnedAway(self.warn, self.info)
-        self.control_watcher: Optional[Watcher] = None  # control sockets of ring sessions
         self.shm_unavailable = unsupported_reason() if shm else "server started without --shm"
+        doorbells = Doorbells(self.warn) if self.shm_unavailable is None else None
+        self.writers = Writers(self.files, self.call_soon, self.warn, doorbells)
 
     # -- logging ----------------------------------------------------------
     # Every line goes through printable(): a client's path or text can neither
@@ -153,6 +160,7 @@ class Server:
             if self.socket_mode is not None:
                 os.chmod(self.socket_path, self.socket_mode)
             listener.listen(1024)
+            self.writers.start()
         except BaseException:
             listener.close()  # a server that cannot start leaves no socket file behind
             os.unlink(self.socket_path)
@@ -160,8 +168,6 @@ class Server:
         listener.setblocking(False)
         self._listener = listener
         self._spare_fd = _spare_descriptor()
-        if self.shm_unavailable is None:
-            self.control_watcher = Watcher(select.EPOLLIN | select.EPOLLRDHUP, "control watcher")
 
     def _give_socket_to(self, group: str) -> None:
         try:
@@ -172,6 +178,7 @@ class Server:
             raise OSError(exc.errno, f"cannot give the socket to group {group}: {exc.strerror}") from None
 
     def serve_forever(self) -> None:
+        """The event loop: accept, read, hand bytes to the writers, answer, until stopped."""
         assert self._listener is not None
         threading.Thread(
             target=self.files.watcher.run,
@@ -179,40 +186,102 @@ class Server:
             name="rotation watcher",
             daemon=True,
         ).start()
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
-        listening = True
-        while not self.stopping:
-            wake = [t for t in (None if listening else self._paused_until, self._turned_away.ends()) if t is not None]
-            for key, _ in sel.select(max(0.0, min(wake) - time.monotonic()) if wake else None):
-                if key.fileobj is self._listener:
-                    self._accept_all()
-                else:
-                    os.read(self._wake_r, 4096)
-            self._turned_away.over()
-            paused = time.monotonic() < self._paused_until
-            if paused == listening:  # stop or resume watching the listener
-                if paused:
-                    sel.unregister(self._listener)
-                else:
-                    sel.register(self._listener, selectors.EVENT_READ)
-                listening = not paused
-        sel.close()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._listen(True)
+        grace_ends: Optional[float] = None
+        while True:
+            if self.stopping and grace_ends is None:
+                grace_ends = time.monotonic() + STOP_GRACE
+                self._stop_accepting()
+            if grace_ends is not None and (not self.sessions or time.monotonic() >= grace_ends):
+                break
+            self._turn()
         self._shutdown()
 
+    def _turn(self) -> None:
+        """One turn of the loop: wait for the next event or timer, act on it."""
+        wake = [t for t in (self._next_timer(), self._turned_away.ends()) if t is not None]
+        if not self._listening and not self.stopping:
+            wake.append(self._paused_until)
+        if self.stopping:
+            wake.append(time.monotonic() + 0.1)
+        timeout = max(0.0, min(wake) - time.monotonic()) if wake else None
+        for key, mask in self._selector.select(timeout):
+            target = key.data
+            if target is None:
+                self._woken()
+            elif target is self:
+                self._accept_all()
+            elif self.sessions.get(target.fd) is target:
+                if mask & selectors.EVENT_WRITE:
+                    target.on_writable()
+                if mask & selectors.EVENT_READ and target.reading:
+                    target.on_readable()
+        self._run_calls()
+        self._run_timers()
+        self._turned_away.over()
+        if not self._listening and not self.stopping and time.monotonic() >= self._paused_until:
+            self._listen(True)
+
+    def _listen(self, on: bool) -> None:
+        if on and not self._listening:
+            self._selector.register(self._listener, selectors.EVENT_READ, self)
+        elif not on and self._listening:
+            self._selector.unregister(self._listener)
+        self._listening = on
+
+    def _woken(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- calls from other threads and timers --------------------------------
     @property
     def wakeup_fd(self) -> int:
-        """Writing to it wakes serve_forever's select()."""
+        """Writing to it wakes the loop."""
         return self._wake_w
 
-    def request_stop(self) -> None:
-        """Signal-safe: ask serve_forever to stop."""
-        self.stopping = True
+    def call_soon(self, calls: List[Callable[[], None]]) -> None:
+        """Any thread: run ``calls`` on the loop's thread, in order."""
+        self._calls.append(calls)
+        if not self._poked:
+            self._poked = True
+            self._poke()
+
+    def _poke(self) -> None:
         try:
-            os.write(self._wake_w, b"s")
+            os.write(self._wake_w, b"c")
         except BlockingIOError:
             pass  # the pipe is full of wake-ups already
+
+    def _run_calls(self) -> None:
+        self._poked = False  # before taking the calls: a call queued after this pokes again
+        while self._calls:
+            for call in self._calls.popleft():
+                try:
+                    call()
+                except Exception as exc:  # a session's mistake never stops the loop
+                    self.warn(f"Internal error: {P.exception_text(exc)}")
+
+    def at(self, when: float, session: "Session") -> None:
+        """Call ``session.on_timer()`` at ``when`` (time.monotonic()), on the loop."""
+        heapq.heappush(self._timers, (when, session.id, session))
+
+    def _next_timer(self) -> Optional[float]:
+        return self._timers[0][0] if self._timers else None
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, session = heapq.heappop(self._timers)
+            session.on_timer(now)
+
+    def request_stop(self) -> None:
+        """Signal-safe: ask the loop to stop."""
+        self.stopping = True
+        self._poke()
 
     def request_reopen(self) -> None:
         """Signal-safe: reopen every file (SIGHUP), on the rotation watcher's thread."""
@@ -227,9 +296,10 @@ class Server:
         self.info(f"Reopened {len(results) - failed} of {len(results)} files, {failed} failed")
         return results
 
+    # -- accepting ------------------------------------------------------------
     def _accept_all(self) -> None:
-        """Accept every waiting client. A limit of the host (descriptors, threads)
-        turns a client away with the reason, never stops the accepting."""
+        """Accept every waiting client. A limit of the host (descriptors) turns a
+        client away with the reason, never stops the accepting."""
         while True:
             try:
                 sock, _ = self._listener.accept()
@@ -243,6 +313,7 @@ class Server:
                     continue
                 self._turned_away.note(f"accepting paused for {ACCEPT_PAUSE:g} s: {exc}")
                 self._paused_until = time.monotonic() + ACCEPT_PAUSE
+                self._listen(False)
                 return
             self._start_session(sock)
 
@@ -273,26 +344,36 @@ class Server:
         return refused
 
     def _start_session(self, sock: socket.socket) -> None:
-        """Serve a client on a thread of its own, or turn it away if no thread can start."""
-        sock.setblocking(True)
-        with self._sessions_lock:
-            sid = self._next_id
-            self._next_id += 1
-            session = self._sessions[sid] = Session(self, sid, sock)
-        try:
-            threading.Thread(target=session.run, name=f"client-{sid}", daemon=True).start()
-        except RuntimeError as exc:  # "can't start new thread": a thread, process or memory limit
-            self.session_done(session)
-            self._turned_away.note(f"refused a client: no thread ({exc})")
-            refuse_connection(sock, OSError(errno.EAGAIN, NO_THREAD))
-            return
+        sock.setblocking(False)
+        session = Session(self, self._next_id, sock)
+        self._next_id += 1
+        self.sessions[session.fd] = session
+        self._selector.register(sock, selectors.EVENT_READ, session)
+        self.at(session.handshake_ends, session)
+        session.start()
         if self._spare_fd < 0:
             self._spare_fd = _spare_descriptor()
 
+    def interest(self, session: "Session") -> None:
+        """The loop watches ``session``'s socket for what it wants now (read, write, both, none)."""
+        mask = (selectors.EVENT_READ if session.reading else 0) | (selectors.EVENT_WRITE if session.out else 0)
+        if mask == session.mask:
+            return
+        if session.mask == 0:
+            self._selector.register(session.sock, mask, session)
+        elif mask == 0:
+            self._selector.unregister(session.sock)
+        else:
+            self._selector.modify(session.sock, mask, session)
+        session.mask = mask
+
+    def session_done(self, session: "Session") -> None:
+        if self.sessions.get(session.fd) is session:
+            del self.sessions[session.fd]
+
     def status(self) -> dict:
-        """What ``python -m offlog status`` shows."""
-        with self._sessions_lock:
-            sessions = list(self._sessions.values())
+        """What ``python -m offlog status`` shows (the loop's thread)."""
+        sessions = list(self.sessions.values())
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -305,7 +386,8 @@ class Server:
                 "max_ring_memory": self.max_ring_memory,
                 "why_not": self.shm_unavailable,
             },
-            "clients": [s.status() for s in sessions if s.file is not None],
+            "writers": self.writers.status(),
+            "clients": [s.status() for s in sessions if s.file is not None and s.opened],
             "files": [
                 {
                     "path": f.path,
@@ -323,42 +405,39 @@ class Server:
 
     def reserve_ring(self) -> Optional[str]:
         """Count one more ring against --max-ring-memory; or why not (the client gets the socket)."""
-        with self._ring_memory_lock:
-            if self.ring_memory + self.ring_size > self.max_ring_memory:
-                return (
-                    f"ring memory limit reached ({self.ring_memory} bytes in rings, "
-                    f"--max-ring-memory {self.max_ring_memory})"
-                )
-            self.ring_memory += self.ring_size
-            return None
+        if self.ring_memory + self.ring_size > self.max_ring_memory:
+            return (
+                f"ring memory limit reached ({self.ring_memory} bytes in rings, "
+                f"--max-ring-memory {self.max_ring_memory})"
+            )
+        self.ring_memory += self.ring_size
+        return None
 
     def release_ring(self) -> None:
-        with self._ring_memory_lock:
-            self.ring_memory -= self.ring_size
+        self.ring_memory -= self.ring_size
 
-    def session_done(self, session: "Session") -> None:
-        with self._sessions_lock:
-            self._sessions.pop(session.id, None)
-
-    def _shutdown(self) -> None:
+    def _stop_accepting(self) -> None:
+        """Stopping: no new clients; every client's data already sent is still read and
+        written (its read side is shut: it ends where the client's bytes end)."""
         self.info("Received signal, shutting down")
         self._turned_away.over(stopping=True)
+        self._listen(False)
         self._listener.close()
         if self._spare_fd >= 0:
             os.close(self._spare_fd)
+            self._spare_fd = -1
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
-        with self._sessions_lock:
-            sessions = list(self._sessions.values())
-        for session in sessions:
+        for session in list(self.sessions.values()):
             session.interrupt()
-        deadline = time.monotonic() + STOP_GRACE
-        for session in sessions:
-            session.finished.wait(max(0.0, deadline - time.monotonic()))
-        if self.control_watcher is not None:
-            self.control_watcher.close()
+
+    def _shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            session.abandon()  # its writer is stuck past the grace period
+        self.writers.stop()
+        self._selector.close()
         self.info("Exit")
 
 
@@ -446,89 +525,150 @@ def _group_id(group: str) -> int:
 
 
 class Session:
-    """One client connection, served by its own thread."""
+    """One client connection. Every method runs on the event loop's thread, but
+    the ``on_*`` callbacks are what the writers report (run on the loop too)."""
 
     def __init__(self, server: Server, sid: int, sock: socket.socket) -> None:
         self.server = server
         self.id = sid
         self.sock = sock
+        self.fd = sock.fileno()
         self.conn = P.ServerConnection()
         self.file: Optional[OpenFile] = None
+        self.opened = False  # the writers opened the file for this client
         self.fsync = False
         self.ring: Optional[ServerRing] = None
-        # Other threads touch the ring too (the control watcher posts its doorbell, a
-        # stop wakes it, a status query reads its header): under this lock, and never
-        # once it is closed (a post to a closed semaphore could land on freed memory).
-        self._ring_lock = threading.Lock()
-        self._ring_closed = False
-        self.sock_ready = True  # the control socket has something (at first: frames that came with the handshake)
-        self.finished = threading.Event()
+        self.ring_state: Optional[str] = None  # the writers': awake, asleep, gone
+        self.ring_seen = 0.0  # the writers': when the ring last had bytes
+        self.failed: Optional[BaseException] = None  # set by the writers: the file or ring failed
         self.pid, self.uid = peer_credentials(sock)
         self.connected = time.time()
-        self.written = 0
+        self.handshake_ends = time.monotonic() + server.handshake_timeout
+        self.written = 0  # the writers'
         self.confirmed = 0  # `written` as last told to the client in a WRITTEN frame
+        self.queued = 0  # bytes handed to the writers, not yet written
         self.dropped = 0
+        self.out = bytearray()  # what the socket did not take yet
+        self.mask = selectors.EVENT_READ  # what the loop watches the socket for
+        self.reading = True
+        self.phase = "handshake"  # handshake, opening, data, ending, closing, closed
+        self._open_event: Any = None  # the Open being served
+        self._linger_ends = 0.0
 
-    # -- entry point --------------------------------------------------------
-    def run(self) -> None:
-        server = self.server
+    # -- the loop's events ----------------------------------------------------
+    def start(self) -> None:
         who = f" (pid {self.pid}, uid {self.uid})" if self.pid is not None else ""
-        try:
-            server.info(f"Client {self.id} connected{who}")
-            self._handshake()
-            if self.ring is not None:
-                self._serve_ring()
-            else:
-                self._serve_socket()
-        except ClientGone:
-            pass
-        except _Reported as exc:
-            self._send_error(exc.error)
-        except P.ProtocolError as exc:
-            where = f" (state {exc.state}, {exc.event})" if exc.event else ""
-            server.warn(f"Client {self.id} protocol error{where}: {exc}")
-            self._send_error(exc)
-        except Exception as exc:  # one client's failure never takes the server down
-            server.warn(f"Client {self.id} error: {P.exception_text(exc)}")
-            self._send_error(exc)
-        finally:
-            self._close()
+        self.server.info(f"Client {self.id} connected{who}")
 
-    def status(self) -> dict:
-        """This client's line of the status report (any thread, at any moment)."""
-        with self._ring_lock:
-            if self.ring is not None:
-                transport, unconfirmed = "shm", 0 if self._ring_closed else self.ring.consumer.unconfirmed()
-            else:
-                transport, unconfirmed = "socket", self.conn.pending
-        return {
-            "id": self.id,
-            "pid": self.pid,
-            "uid": self.uid,
-            "file": self.file.path,
-            "transport": transport,
-            "dialect": "framed" if self.conn.framed else "0.x",
-            "connected": round(self.connected, 3),
-            "bytes_written": self.written,
-            "unconfirmed": unconfirmed,
-            "dropped_bytes": self.dropped,
-        }
+    def on_readable(self) -> None:
+        try:
+            chunk = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ECONNRESET: the client is gone; what it sent before is read
+            chunk = b""
+        if not chunk and self.server.stopping and self.phase == "handshake":
+            self._end(SERVER_EXITED)
+            return
+        self._guarded(self.conn.receive_data, chunk)
+        self._guarded(self._events)
+
+    def on_writable(self) -> None:
+        self._flush_out()
+
+    def on_timer(self, now: float) -> None:
+        if self.phase == "handshake" and now >= self.handshake_ends:
+            error = TimeoutError(f"no handshake within {self.server.handshake_timeout:g} s")
+            self.server.warn(f"Client {self.id} error: {P.exception_text(error)}")
+            self._end(error)
+        elif self.phase == "closing" and now >= self._linger_ends:
+            self._close_socket()
 
     def interrupt(self) -> None:
-        """Server stopping: make the session finish what it has and leave."""
+        """Server stopping: read what the client sent, then end (its read side is shut)."""
         try:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
-        self._ring_doorbell()
+        if self.phase in ("handshake", "data") and not self.reading:
+            self.reading = True  # paused: read on, to the end
+            self.server.interest(self)
 
-    # -- handshake ---------------------------------------------------------
-    def _handshake(self) -> None:
-        """Read the handshake (either dialect), open the file, offer a ring.
-        Returns once the data phase starts; frames that came with the
-        handshake wait in the connection for the data path."""
-        self._handshake_ends = time.monotonic() + self.server.handshake_timeout
-        steps = {
+    def abandon(self) -> None:
+        """The stop's grace period is over and a writer still has this session's file
+        (stuck): close the socket; ring and file go with the process, which exits."""
+        self._close_socket()
+
+    # -- reading events ---------------------------------------------------------
+    def _guarded(self, step: Callable[..., Any], *args: Any) -> None:
+        """Run one step; a failure ends this client (only) with its error."""
+        if self.phase in ("ending", "closing", "closed"):
+            return
+        try:
+            step(*args)
+        except _Reported as exc:
+            self._end(exc.error)
+        except P.TruncatedFrame as exc:
+            if not self.server.stopping:
+                self._protocol_error(exc)
+            else:
+                cut = self.conn.pending
+                self.server.info(f"Client {self.id} cut off in the middle of a frame: {cut} bytes discarded")
+                self._end_of_data()
+        except P.ProtocolError as exc:
+            self._protocol_error(exc)
+        except Exception as exc:  # one client's failure never takes the server down
+            self.server.warn(f"Client {self.id} error: {P.exception_text(exc)}")
+            self._end(exc)
+
+    def _protocol_error(self, exc: P.ProtocolError) -> None:
+        where = f" (state {exc.state}, {exc.event})" if exc.event else ""
+        self.server.warn(f"Client {self.id} protocol error{where}: {exc}")
+        self._end(exc)
+
+    def _events(self) -> None:
+        """Act on every event received so far."""
+        conn = self.conn
+        batch: List[memoryview] = []
+        while self.phase in ("handshake", "data"):
+            event = conn.next_event()
+            kind = type(event)
+            if kind is P.Data:
+                batch.append(event.payload)
+                continue
+            self._append(batch)
+            batch = []
+            if event is P.NEED_DATA or event is P.PAUSED:
+                return
+            if kind is P.Flush:
+                self.server.writers.flush(self, event.token)
+            elif kind is P.Dropped:
+                self.dropped = event.count
+            elif kind is P.EndOfData:
+                self._end_of_data()
+            else:
+                self._handshake_step(event)
+        self._append(batch)
+
+    def _append(self, parts: List[memoryview]) -> None:
+        if parts:
+            n = sum(map(len, parts))
+            self.queued += n
+            self.server.writers.append(self, parts)
+            if self.queued > SESSION_BUFFER and self.reading:
+                self.reading = False  # the writers are behind: the client waits in its socket
+                self.server.interest(self)
+
+    def _end_of_data(self) -> None:
+        """The client's data ended: the writers write the rest; then BYE (on_finished)."""
+        self.phase = "ending"
+        self.reading = False
+        self.server.interest(self)
+        self.server.writers.finish(self)
+
+    # -- handshake --------------------------------------------------------------
+    def _handshake_step(self, event: Any) -> None:
+        step = {
             P.Preamble: self._greet,
             P.OpenPath: self._open_legacy,
             P.Open: self._open_framed,
@@ -538,60 +678,97 @@ class Session:
             P.StatusRequest: self._answer_status,
             P.ReopenRequest: self._answer_reopen,
             P.Closed: self._gone_in_handshake,
-        }
-        while self.conn.state not in ("DATA", "CLOSED"):
-            event = self._next_event()
-            steps[type(event)](event)
+        }[type(event)]
+        step(event)
 
-    def _next_event(self):
-        """The next event of the handshake, reading (under its timeout) as needed."""
-        event = self.conn.next_event()
-        while event is P.NEED_DATA:
-            try:
-                left = self._handshake_ends - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                self.sock.settimeout(left)
-                chunk = self.sock.recv(RECV_SIZE)
-            except socket.timeout:
-                raise TimeoutError(f"no handshake within {self.server.handshake_timeout:g} s") from None
-            if not chunk and self.server.stopping:
-                raise SERVER_EXITED
-            self.conn.receive_data(chunk)
-            event = self.conn.next_event()
-        return event
-
-    def _say(self, event) -> None:
-        self.sock.sendall(self.conn.send(event))
+    def _say(self, event: Any) -> None:
+        self._send(self.conn.send(event))
 
     def _greet(self, event: P.Preamble) -> None:
         self._say(P.Greeting())
 
     def _gone_in_handshake(self, event: P.Closed) -> None:
         self.server.info(f"Client {self.id} disconnected during the handshake")
-        raise ClientGone()
+        self._end(None)
 
     def _invalid_path(self, event: P.InvalidPath) -> None:
         raise self._refuse(f"Client {self.id} error, {event.error}", event.error)
 
     def _answer_status(self, event: P.StatusRequest) -> None:
         self._say(P.StatusReply(self.server.status()))
-        raise ClientGone()  # a status query ends here
+        self._end(None)  # a status query ends here
 
     def _answer_reopen(self, event: P.ReopenRequest) -> None:
-        self.sock.settimeout(None)  # a reopen may wait for busy files; the reply must not time out
-        results = self.server.reopen_all(f"a reopen request from client {self.id}")
-        self._say(P.Reopened(P.reopened_document(results)))
-        raise ClientGone()  # so does a reopen request
+        """Reopening may wait for busy files: on a thread of its own, answered on the loop."""
+        server = self.server
+        self.phase = "opening"  # (waits for an answer, like an open)
+
+        def reopen() -> None:
+            try:
+                results = server.reopen_all(f"a reopen request from client {self.id}")
+            except Exception as exc:
+                server.call_soon([lambda error=exc: self._reopened(None, error)])
+            else:
+                server.call_soon([lambda: self._reopened(results, None)])
+
+        try:
+            threading.Thread(target=reopen, name=f"reopen-{self.id}", daemon=True).start()
+        except RuntimeError as exc:
+            self.phase = "handshake"
+            raise _Reported(OSError(errno.EAGAIN, f"the offlog server cannot start a thread to reopen files: {exc}"))
+
+    def _reopened(self, results: Optional[List[Tuple[str, Optional[str]]]], error: Optional[BaseException]) -> None:
+        if self.phase != "opening":
+            return
+        self.phase = "handshake"
+        if error is not None:
+            self._end(error)
+        else:
+            self._say(P.Reopened(P.reopened_document(results)))
+            self._end(None)  # so does a reopen request
 
     def _open_legacy(self, event: P.OpenPath) -> None:
-        self._open(event.path)
-        self._say(P.Opened())
-        self.server.info(f"Client {self.id} transport: socket (0.x client)")
+        self._open(event, event.path)
 
     def _open_framed(self, event: P.Open) -> None:
         self.fsync = bool(event.flags & P.FSYNC)
-        self._open(event.path)
+        self._open(event, event.path)
+
+    def _open(self, event: Any, path: str) -> None:
+        """Reserve the file; the writers open it (or wait for its first client's open)."""
+        self.file, first = self.server.files.reserve(path)
+        self._open_event = event
+        self.phase = "opening"
+        self.reading = False  # what the client sends meanwhile waits in its socket
+        self.server.interest(self)
+        self.server.writers.open(self, first)
+
+    def on_opened(self, error: Optional[BaseException]) -> None:
+        """The writers opened the file (or could not: the reservation is given back)."""
+        path = self.file.path
+        if error is not None:
+            self.file = None
+        if self.phase != "opening":  # ended meanwhile (a stop, the deadline)
+            self._close(None)
+            return
+        self.phase = "handshake"
+        self.reading = True
+        self.server.interest(self)
+        if error is not None:
+            self._end(error, f"Client {self.id} access denied for {path}: {P.exception_text(error)}")
+            return
+        self.opened = True
+        self.server.info(f"Client {self.id} opened {path} (clients of this file: {self.file.clients})")
+        event, self._open_event = self._open_event, None
+        self._guarded(self._opened, event)
+        self._guarded(self._events)  # frames that came with the handshake
+
+    def _opened(self, event: Any) -> None:
+        if isinstance(event, P.OpenPath):
+            self._say(P.Opened())
+            self.server.info(f"Client {self.id} transport: socket (0.x client)")
+            self._data_phase()
+            return
         reason = self._offer_reason(event.flags, event.version) or self.server.reserve_ring()
         if reason is None:
             try:
@@ -602,27 +779,36 @@ class Session:
         if self.ring is None:
             self._say(P.Opened(note=reason, version=self.conn.version))
             self.server.info(f"Client {self.id} transport: socket ({reason})")
+            self._data_phase()
         else:
             self._offer()
+
+    def _data_phase(self) -> None:
+        self.phase = "data"
 
     def _offer(self) -> None:
         """OPENED(SHM_OFFERED) + SHM_OFFER with the ring's memfd attached to their
         bytes (SCM_RIGHTS); the server's copy of the descriptor goes once sent."""
         data = self.conn.send(P.ShmOffer(self.ring.capacity))
         try:
-            sent = socket.send_fds(self.sock, [data], [self.ring.fd])
-            self.sock.sendall(data[sent:])
+            if self.out:
+                raise BlockingIOError(errno.EAGAIN, "the client has not read the greeting")
+            sent = socket.send_fds(self.sock, [data], [self.ring.fd], socket.MSG_DONTWAIT)
+        except OSError as exc:
+            raise _Reported(OSError(exc.errno, f"cannot pass the ring: {exc.strerror}")) from None
         finally:
             self.ring.close_fd()
+        self._send(data[sent:])
 
     def _ring_accepted(self, event: P.ShmAccept) -> None:
         self.server.info(f"Client {self.id} transport: shm (ring of {self.ring.capacity} bytes)")
+        self._data_phase()
+        self.server.writers.add_ring(self)
 
     def _ring_declined(self, event: P.ShmDecline) -> None:
         self._close_ring()
-        with self._ring_lock:
-            self.ring = None
         self.server.info(f"Client {self.id} transport: socket (client could not use the ring: {event.reason})")
+        self._data_phase()
 
     def _refuse(self, line: str, error: BaseException) -> "_Reported":
         """Log one line about this client's problem; ``error`` goes back to the client."""
@@ -641,196 +827,186 @@ class Session:
             return f"client too old for sealed rings (protocol {version})"
         return None
 
-    def _open(self, path: str) -> None:
-        try:
-            self.file = self.server.files.acquire(path)
-        except OSError as exc:
-            raise self._refuse(f"Client {self.id} access denied for {path}: {P.exception_text(exc)}", exc) from None
-        self.server.info(f"Client {self.id} opened {path} (clients of this file: {self.file.clients})")
+    # -- what the writers report ------------------------------------------------
+    def on_written(self, n: int) -> None:
+        """Socket bytes are in the file: WRITTEN now and then; read on if paused."""
+        self.queued -= n
+        if self.phase not in ("data", "ending"):
+            return
+        if self.written - self.confirmed >= ACK_EVERY and self.conn.framed and self.ring is None:
+            self._confirm()
+        if not self.reading and self.phase == "data" and self.queued <= SESSION_BUFFER // 2:
+            self.reading = True
+            self.server.interest(self)
 
-    # -- socket data path -------------------------------------------------
-    def _serve_socket(self) -> None:
-        self.sock.settimeout(None)
-        while not self._handle_events():
-            try:
-                chunk = self.sock.recv(RECV_SIZE)
-            except ConnectionResetError:
-                chunk = b""
-            self.conn.receive_data(chunk)
-        self._finish()
+    def on_flushed(self, token: int) -> None:
+        if self.phase in ("data", "ending"):
+            self._guarded_say(P.Flushed(token))
 
-    def _handle_events(self) -> bool:
-        """Act on every event received so far; True once the client's data ended.
-        DATA payloads are batched into one append; FLUSH waits for what is before it."""
-        batch: List[memoryview] = []
-        try:
-            while True:
-                event = self.conn.next_event()
-                kind = type(event)
-                if kind is P.Data:
-                    batch.append(event.payload)
-                elif kind is P.Flush:
-                    self._append(batch)
-                    batch = []
-                    self._drain_ring()
-                    if self.fsync:
-                        self._write_or_report(self.file.sync)
-                    self._say(P.Flushed(event.token))
-                elif kind is P.Dropped:
-                    self.dropped = event.count
-                else:
-                    self._append(batch)
-                    return kind is P.EndOfData
-        except P.TruncatedFrame:
-            if not self.server.stopping:
-                raise
-            self._append(batch)
-            self.server.info(f"Client {self.id} cut off in the middle of a frame: {self.conn.pending} bytes discarded")
-            return True  # stopping: the shutdown error is the answer, not a protocol error
-
-    def _append(self, parts: List) -> None:
-        if parts:
-            self.written += self._write_or_report(self.file.append, parts)
-            if self.written - self.confirmed >= ACK_EVERY and self.conn.framed and self.ring is None:
-                self._confirm()
-
-    def _confirm(self) -> None:
-        """Tell a socket client how much of its data is in the file (WRITTEN), so
-        it can forget it. A WRITTEN that would block is skipped: the next will do."""
-        try:
-            self.sock.send(self.conn.send(P.Written(self.written)), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
-            self.confirmed = self.written
-        except OSError:
-            pass  # full (the next WRITTEN will do) or the client left (the read side notices)
-
-    def _write_or_report(self, operation, *args):
-        """Run a file operation; an OSError ends this client with that error."""
-        try:
-            return operation(*args)
-        except OSError as exc:
-            if self.ring is not None:
-                self.ring.consumer.fail(exc.errno or errno.EIO)
-            raise self._refuse(f"Failed to write to {self.file.path} for client {self.id}: {exc}", exc) from None
-
-    def _finish(self) -> None:
-        """End of the client's data: everything is written; say BYE (or that we exit)."""
-        self._drain_ring()
+    def on_finished(self) -> None:
+        """Every byte of the client's is written: BYE (or, stopping, that we exit)."""
         if self.server.stopping:
             if self.ring is not None:
                 self.ring.consumer.fail(errno.ESHUTDOWN)
             elif self.conn.framed:
                 self._confirm()  # everything received is written: nothing to resend
-            self._send_error(SERVER_EXITED)
-            return
+            self._close(SERVER_EXITED)
+        else:
+            self._close(None, P.Bye())
+
+    def on_failed(self, error: BaseException, line: str) -> None:
+        self.server.warn(line)
+        self._close(error)
+
+    def on_released(self) -> None:
+        self._close(None)
+
+    def _confirm(self) -> None:
+        """Tell a socket client how much of its data is in the file (WRITTEN), so
+        it can forget it. A WRITTEN the socket would not take now is skipped."""
+        if self.out:
+            return  # the next will do
         try:
-            self._say(P.Bye())
-        except OSError:
-            pass
+            self.sock.send(self.conn.send(P.Written(self.written)), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
+            self.confirmed = self.written
+        except (OSError, P.ProtocolError):
+            pass  # full (the next WRITTEN will do) or the client left (the read side notices)
 
-    # -- ring data path -----------------------------------------------------
-    def _serve_ring(self) -> None:
-        """Drain the ring, else hear the control socket, else wait for the ring."""
-        ring = self.ring
-        self.sock.settimeout(None)
-        self.sock.setblocking(False)
-        watcher = self.server.control_watcher
-        fd = self.sock.fileno()
-        watcher.watch(fd, self._ring_doorbell)
+    def _guarded_say(self, event: Any) -> None:
         try:
-            while True:
-                if self._drain_ring():
-                    continue
-                if self.sock_ready:
-                    self.sock_ready = False
-                    if self._read_control():
-                        self._finish()
-                        return
-                    watcher.rearm(fd)
-                    continue
-                ring.wait(lambda: self.sock_ready)
-        finally:
-            watcher.forget(fd)
-
-    def _ring_doorbell(self) -> None:
-        """Any thread: the control socket has news (or the server stops): wake the ring loop."""
-        self.sock_ready = True
-        with self._ring_lock:
-            if self.ring is not None and not self._ring_closed:
-                self.ring.ring_doorbell()
-
-    def _drain_ring(self) -> bool:
-        """Write everything published in the ring; True if there was anything."""
-        if self.ring is None:
-            return False
-        consumer = self.ring.consumer
-        head = self._published()
-        if head == consumer.tail:
-            return False
-        self._append(consumer.views(head))
-        consumer.release(head)
-        return True
-
-    def _published(self) -> int:
-        """The ring's head, checked; a corrupt header ends this client (only)."""
-        consumer = self.ring.consumer
-        try:
-            return consumer.available()
-        except RingCorrupt as exc:
-            consumer.fail(errno.EBADMSG)
-            raise self._refuse(
-                f"Client {self.id} corrupted its ring: {exc}", ValueError(f"ring corrupted: {exc}")
-            ) from None
-
-    def _read_control(self) -> bool:
-        """Handle whatever the client sent on the socket; True at its end of data."""
-        while not self._handle_events():
-            try:
-                chunk = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                return False
-            except ConnectionResetError:
-                chunk = b""
-            self.conn.receive_data(chunk)
-        return True
-
-    # -- teardown -----------------------------------------------------------
-    def _send_error(self, exc: BaseException) -> None:
-        try:
-            message = self.conn.send(P.Error(exc, errno.ESHUTDOWN if exc is SERVER_EXITED else None))
+            self._say(event)
         except P.ProtocolError:
-            return  # the connection has ended already (BYE or a reply was sent)
+            pass  # the connection has ended already
+
+    # -- sending ----------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        """Send now what the socket takes; keep the rest for when it is writable.
+        A client that does not read its answers stops being read (it waits, not us)."""
+        if not data or self.phase == "closed":
+            return
+        if not self.out:
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the client left; its read side says so
+            data = data[sent:]
+            if not data:
+                return
+        self.out += data
+        if len(self.out) > OUT_LIMIT and self.reading:
+            self.reading = False
+        self.server.interest(self)
+
+    def _flush_out(self) -> None:
         try:
-            self.sock.setblocking(True)
-            self.sock.settimeout(1.0)
-            self.sock.sendall(message)
+            sent = self.sock.send(self.out, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            pass
+            sent = len(self.out)  # gone: nothing more to say
+        del self.out[:sent]
+        if not self.out:
+            if self.phase == "closing":
+                self._close_socket()
+                return
+            if not self.reading and self.phase in ("handshake", "data") and self.queued <= SESSION_BUFFER // 2:
+                self.reading = True
+        self.server.interest(self)
+
+    # -- ending -----------------------------------------------------------------
+    def _end(self, error: Optional[BaseException], line: Optional[str] = None) -> None:
+        """End this session now: say ``error`` (if any); the writers let the ring go first."""
+        if line is not None:
+            self.server.warn(line)
+        if self.phase in ("ending", "closing", "closed"):
+            return
+        if error is not None:
+            self._say_error(error)
+        self.reading = False
+        self.server.interest(self)
+        if self.phase == "opening":
+            self.phase = "ending"  # on_opened gives the file back
+        elif self.opened:
+            self.phase = "ending"
+            self.server.writers.drop(self)  # then on_released
+        else:
+            self._close(None)
+
+    def _say_error(self, error: BaseException) -> None:
+        try:
+            self._say(P.Error(error, errno.ESHUTDOWN if error is SERVER_EXITED else None))
+        except P.ProtocolError:
+            pass  # the connection has ended already (BYE or a reply was sent)
+
+    def _close(self, error: Optional[BaseException], last: Any = None) -> None:
+        """Give back ring and file; say ``error`` or ``last``; close once it is sent."""
+        if self.phase in ("closing", "closed"):
+            return
+        if error is not None:
+            self._say_error(error)
+        elif last is not None:
+            self._guarded_say(last)
+        self._give_back()
+        self.reading = False
+        self.phase = "closing"
+        if self.out:
+            self._linger_ends = time.monotonic() + CLOSE_LINGER
+            self.server.at(self._linger_ends, self)
+            self.server.interest(self)
+        else:
+            self._close_socket()
 
     def _close_ring(self) -> None:
-        with self._ring_lock:
-            if self.ring is not None and not self._ring_closed:
-                self._ring_closed = True
-                self.ring.close()
-                self.server.release_ring()
+        if self.ring is not None:
+            self.ring.close()
+            self.server.release_ring()
+            self.ring = None
 
-    def _close(self) -> None:
-        """Give back what the session holds (socket, ring, file), then say so."""
+    def _give_back(self) -> None:
+        """Ring and file go (the writers have let them go); the log says so. Once."""
         server = self.server
-        try:
-            self.sock.close()
-            self._close_ring()
-            last = self.file is not None and server.files.release(self.file)
-            if self.dropped:
-                server.warn(f"Client {self.id} dropped {self.dropped} bytes (its backlog was full)")
-                server.dropped_closed += self.dropped
-            if self.file is not None:
-                server.info(f"Client {self.id} closed {self.file.path}")
+        self._close_ring()
+        if self.file is not None:
+            file, self.file = self.file, None
+            last = server.files.release(file)
+            if self.opened:
+                server.info(f"Client {self.id} closed {file.path}")
                 if last:
-                    server.info(f"Closed {self.file.path}")
-            server.info(f"Client {self.id} disconnected")
-        finally:
-            server.session_done(self)
-            self.finished.set()
+                    server.info(f"Closed {file.path}")
+        if self.dropped:
+            server.warn(f"Client {self.id} dropped {self.dropped} bytes (its backlog was full)")
+            server.dropped_closed += self.dropped
+            self.dropped = 0
+
+    def _close_socket(self) -> None:
+        if self.phase == "closed":
+            return
+        self.phase = "closed"
+        self.reading = False
+        self.out.clear()
+        self.server.interest(self)
+        self.server.session_done(self)
+        self.sock.close()
+        self.server.info(f"Client {self.id} disconnected")
+
+    def status(self) -> dict:
+        """This client's line of the status report."""
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "uid": self.uid,
+            "file": self.file.path,
+            "transport": "shm" if self.ring is not None else "socket",
+            "dialect": "framed" if self.conn.framed else "0.x",
+            "connected": round(self.connected, 3),
+            "bytes_written": self.written,
+            "unconfirmed": (
+                self.ring.consumer.unconfirmed() if self.ring is not None else self.conn.pending + self.queued
+            ),
+            "dropped_bytes": self.dropped,
+        }
 
 
 class _Reported(Exception):

@@ -101,38 +101,38 @@ def pids_cgroup():
 
 
 # -- a thread or process limit ------------------------------------------------------------
-def test_no_thread_for_a_client_refuses_that_client_and_accepting_goes_on(start_server, workdir, pids_cgroup):
-    """With no thread to be had, each new client is refused with EAGAIN and the reason,
-    the server logs the burst once, keeps its socket and serves clients again as soon
-    as a thread is free (before: RuntimeError ended the accept loop and the server)."""
+def test_clients_need_no_thread_so_a_thread_limit_turns_no_client_away(start_server, workdir, pids_cgroup):
+    """Sessions live on the event loop and files on the writers the server started with, so
+    with no thread to be had at all, 40 new clients of 8 files (both dialects) are opened,
+    written and closed whole, and the server keeps its thread count, its socket and its
+    life (before: a thread per client; RuntimeError ended the accept loop and the server).
+    The one request that needs a thread of its own (reopen) is refused with EAGAIN."""
     server = start_server()
-    server.wait_log("Client 0 disconnected\n")  # start_server's probe: its thread is gone
+    server.wait_log("Client 0 disconnected\n")  # start_server's probe
     (pids_cgroup / "cgroup.procs").write_text(str(server.pid))
     current = int((pids_cgroup / "pids.current").read_text())
-    (pids_cgroup / "pids.max").write_text(str(current + 2))  # room for two client threads
-    path = str(workdir / "app.log")
+    (pids_cgroup / "pids.max").write_text(str(current))  # not one more thread
+    paths = [str(workdir / f"app{i}.log") for i in range(8)]
 
-    held = open_while_stopped(server, [P.Open(path, 0), P.Open(path, 0)])
-    assert [answer(*pair) for pair in held] == ["opened", "opened"]
-    refused = open_while_stopped(server, [P.Open(path, 0)] * 3 + [P.OpenPath(path)])
-    for sock, conn in refused:
-        error = answer(sock, conn)
-        sock.close()
-        assert isinstance(error, OSError) and error.errno == errno.EAGAIN, repr(error)
-        assert "cannot start a thread for this client" in str(error)
-    assert server.proc.poll() is None and os.path.exists(server.sock)
-
-    end_session(held[0][0])
-    wait_for(lambda: int((pids_cgroup / "pids.current").read_text()) <= current + 1, what="the session thread to end")
-    with offlog.ProxyFile(path, server.sock, shm=False) as f:
+    held = open_while_stopped(server, [P.Open(paths[i % 8], 0) for i in range(30)] + [P.OpenPath(paths[0])] * 10)
+    assert [answer(*pair) for pair in held] == ["opened"] * 40
+    for i, (sock, conn) in enumerate(held):
+        sock.sendall(conn.send(P.Data(b"record %d\n" % i)) if conn.framed else b"record %d\n" % i)
+        end_session(sock)
+    expected = sorted(b"record %d\n" % i for i in range(40))
+    assert sorted(line + b"\n" for p in paths for line in Path(p).read_bytes().splitlines()) == expected
+    with offlog.ProxyFile(paths[1], server.sock, shm=False) as f:
         f.write(b"served again\n")
-    end_session(held[1][0])
-    assert b"served again\n" in (workdir / "app.log").read_bytes()
+    assert Path(paths[1]).read_bytes().endswith(b"served again\n")
 
+    [(sock, conn)] = open_while_stopped(server, [P.ReopenRequest()])
+    reply = answer(sock, conn)
+    sock.close()
+    assert isinstance(reply, OSError) and reply.errno == errno.EAGAIN, repr(reply)
+    assert "cannot start a thread to reopen files" in str(reply)
+    assert int((pids_cgroup / "pids.current").read_text()) <= current
+    assert server.proc.poll() is None and os.path.exists(server.sock)
     assert server.stop() == 0
-    output = server.output()
-    assert output.count("Turning clients away: refused a client: no thread") == 1
-    assert "Clients turned away: 4 x refused a client: no thread" in output
 
 
 # -- EMFILE ------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import mmap
 import os
 import platform
 import sys
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from . import layout
 from .ring import Consumer, Producer
@@ -258,28 +258,26 @@ class ServerRing:
             os.close(self.fd)
             self.fd = -1
 
-    def ring_doorbell(self) -> None:
-        """Post the doorbell with the server's own news (the control socket, a stop)."""
-        bell = self._bell
-        bell[layout.BELL_VALUE] = min(bell[layout.BELL_VALUE] + 1, SEM_VALUE_MAX)
-        _libc().futex_wake(self._value)
+    @property
+    def doorbell_address(self) -> int:
+        """The semaphore's value word: the futex a sleeping ring is waited on with."""
+        return self._value
 
-    def wait(self, woken: Callable[[], bool]) -> None:
-        """Nothing to drain: wait for the client's next write (the nap and sleep
-        handshake of :meth:`offlog.shm.ring.Consumer.wait`)."""
-        self.consumer.wait(self._take_doorbell, woken)
+    def fall_asleep(self) -> None:
+        """The ring goes to sleep: its client's next write posts the doorbell."""
+        self._bell[layout.BELL_WAITERS] = 1  # sem_post wakes only a semaphore with waiters
+        self.consumer.sleep()
 
-    def _take_doorbell(self, timeout: float) -> bool:
-        """Wait at most ``timeout`` seconds for a post; True if this took any."""
+    def has_news(self) -> bool:
+        """The doorbell was posted, or HEAD moved (a post a store buffer held back)."""
+        return bool(self._bell[layout.BELL_VALUE]) or self.consumer.has_data()
+
+    def awaken(self) -> None:
+        """The ring is awake (polled): posts are taken and no longer wanted."""
         bell = self._bell
-        if not bell[layout.BELL_VALUE]:
-            bell[layout.BELL_WAITERS] = 1  # sem_post wakes only a semaphore with waiters
-            _libc().futex_wait(self._value, timeout)
-            bell[layout.BELL_WAITERS] = 0
-            if not bell[layout.BELL_VALUE]:
-                return False  # timed out, or a signal for the server landed on this thread
+        bell[layout.BELL_WAITERS] = 0
         bell[layout.BELL_VALUE] = 0
-        return True
+        self.consumer.awaken()
 
     def close(self) -> None:
         """Give up the descriptor and the mapping (the mapping goes with its last view)."""

@@ -89,14 +89,8 @@ from ..backlog import Backlog, Buffer, Handover
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
 
-#: Consumer's first nap while awake and idle (seconds); each empty nap doubles it.
-NAP = 0.0002
-#: Empty naps before the consumer goes to sleep (0.2 + 0.4 + 0.8 + 1.6 = 3 ms).
-NAPS_BEFORE_SLEEP = 4
 #: Bounded wait that closes the store-buffer window of the sleep handshake.
 SETTLE = 0.001
-#: Longest sleep between checks of an idle ring.
-IDLE_WAIT = 1.0
 
 
 class RingCorrupt(ValueError):
@@ -440,7 +434,6 @@ class Consumer:
         layout.init_header(self._words, capacity)
         self._capacity = capacity
         self._tail = 0
-        self._naps = 0  # empty naps since the consumer last released bytes
 
     @property
     def tail(self) -> int:
@@ -470,31 +463,21 @@ class Consumer:
         """Everything before ``position`` is written: hand the space back."""
         self._tail = position
         self._words[TAIL_WORD] = position
-        self._naps = 0
 
-    def wait(self, doorbell: Callable[[float], bool], woken: Callable[[], bool]) -> None:
-        """Nothing to consume: wait for the producer as "The doorbell" above argues,
-        then return (the caller drains, or finds nothing and calls again).
+    def has_data(self) -> bool:
+        """HEAD moved (unchecked: a poll; :meth:`available` checks before anything is read)."""
+        return self._words[HEAD_WORD] != self._tail
 
-        ``doorbell(timeout)`` waits at most ``timeout`` seconds for a post and
-        says whether it took one; ``woken()`` says whether the caller has other
-        news (its control socket), which a post will also announce."""
-        naps = self._naps
-        if naps < NAPS_BEFORE_SLEEP:  # a nap, STATE still AWAKE: producers do not post
-            self._naps = naps + 1
-            doorbell(NAP * (1 << naps))
-            return
-        words = self._words
-        words[STATE_WORD] = layout.SLEEPING
-        try:
-            # A HEAD that moved (or a lie, which the caller's checked read reports) ends the wait.
-            if words[HEAD_WORD] != self._tail or woken():
-                return
-            if doorbell(SETTLE) or words[HEAD_WORD] != self._tail:
-                return  # the re-read after SETTLE: a HEAD store that sat in a store buffer
-            doorbell(IDLE_WAIT)
-        finally:
-            words[STATE_WORD] = layout.AWAKE
+    def sleep(self) -> None:
+        """STATE = SLEEPING: the producer posts the doorbell after its next publish
+        (a failed ring stays FAILED)."""
+        if self._words[STATE_WORD] != layout.FAILED:
+            self._words[STATE_WORD] = layout.SLEEPING
+
+    def awaken(self) -> None:
+        """STATE = AWAKE: the consumer polls; the producer posts nothing."""
+        if self._words[STATE_WORD] != layout.FAILED:
+            self._words[STATE_WORD] = layout.AWAKE
 
     def fail(self, code: int) -> None:
         """Flag a write error for the producer's next write()."""
