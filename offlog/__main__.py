@@ -12,7 +12,7 @@ import sys
 from typing import List, NoReturn, Optional
 
 from . import __version__
-from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, REOPEN_TIMEOUT
+from .defaults import DEFAULT_SOCK_PATH, DEFAULT_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_FRAME_MEMORY, REOPEN_TIMEOUT
 from .loglines import DEBUG, INFO, WARNING, LineLogger, LineSink
 from .protocol import ProtocolError
 from .shm import layout
@@ -128,6 +128,15 @@ def server_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="Ring bytes of all clients together at most (e.g. 512M); past it clients get the socket. "
         "Default: 1G, or half of /dev/shm if smaller.",
+    )
+    p.add_argument(
+        "--max-frame-memory",
+        type=size,
+        default=MAX_FRAME_MEMORY,
+        metavar="BYTES",
+        help="Bytes of incomplete frames held for all clients together (e.g. 64M); past it, clients "
+        "with a large frame on the way wait, and one that cannot finish within the handshake "
+        "timeout is cut off. Default: 256M.",
     )
     p.add_argument(
         "--handshake-timeout",

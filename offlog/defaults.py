@@ -13,3 +13,5 @@ DEFAULT_TIMEOUT = 5000
 REOPEN_TIMEOUT = 60_000
 #: Seconds a new connection has, in all, to complete its handshake (the server's --handshake-timeout).
 HANDSHAKE_TIMEOUT = 10.0
+#: Bytes of incomplete frames a server holds for all its clients together (--max-frame-memory).
+MAX_FRAME_MEMORY = 256 * 1024 * 1024

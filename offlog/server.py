@@ -55,7 +55,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import __version__
 from . import protocol as P
-from .defaults import HANDSHAKE_TIMEOUT
+from .defaults import HANDSHAKE_TIMEOUT, MAX_FRAME_MEMORY
 from .files import FileTable, OpenFile
 from .loglines import LineLogger, printable
 from .shm import DEFAULT_CAPACITY, ServerRing, check_capacity, unsupported_reason
@@ -84,6 +84,10 @@ SESSION_BUFFER = 4 * 1024 * 1024
 OUT_LIMIT = 1024 * 1024
 #: Seconds a closing session waits for its last words (ERROR, BYE) to leave.
 CLOSE_LINGER = 1.0
+#: Frames up to this size are read as they come; a larger one waits for --max-frame-memory to admit it.
+FRAME_FREE = 256 * 1024
+#: Empty DATA frames a connection may send (they cost the server a parse each and carry nothing).
+EMPTY_FRAMES = 4096
 
 
 class Server:
@@ -97,9 +101,13 @@ class Server:
         socket_mode: Optional[int] = None,
         socket_group: Optional[str] = None,
         max_ring_memory: Optional[int] = None,
+        max_frame_memory: int = MAX_FRAME_MEMORY,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         self.socket_path = socket_path
+        self.max_frame_memory = max_frame_memory
+        self.frame_memory = 0  # bytes of the large frames admitted and under way
+        self._short: Deque[Session] = deque()  # sessions waiting to have their frame admitted, in order
         self.ring_size = check_capacity(ring_size) if shm else ring_size
         self.max_ring_memory = default_ring_memory() if max_ring_memory is None else max_ring_memory
         self.ring_memory = 0  # data bytes of the rings that exist now
@@ -367,6 +375,29 @@ class Server:
             self._selector.modify(session.sock, mask, session)
         session.mask = mask
 
+    def admit_frame(self, session: "Session", size: int) -> bool:
+        """May ``session`` receive a frame of ``size`` bytes (a large one)? It may if the
+        frames admitted so far leave room under --max-frame-memory (or none is admitted:
+        a frame larger than the limit goes alone). Otherwise it waits, in order."""
+        if (self.frame_memory + size <= self.max_frame_memory or not self.frame_memory) and not self._short:
+            self.frame_memory += size
+            return True
+        self._short.append(session)
+        return False
+
+    def frame_done(self, size: int) -> None:
+        """An admitted frame is whole (or its session ended): admit who waits, in order."""
+        self.frame_memory -= size
+        while self._short:
+            session = self._short[0]
+            need = session.frame_wanted()
+            if need and self.frame_memory + need > self.max_frame_memory and self.frame_memory:
+                return
+            self._short.popleft()
+            if need:
+                self.frame_memory += need
+                session.frame_admitted(need)
+
     def session_done(self, session: "Session") -> None:
         if self.sessions.get(session.fd) is session:
             del self.sessions[session.fd]
@@ -387,6 +418,7 @@ class Server:
                 "why_not": self.shm_unavailable,
             },
             "writers": self.writers.status(),
+            "frames": {"memory": self.frame_memory, "max_memory": self.max_frame_memory, "waiting": len(self._short)},
             "clients": [s.status() for s in sessions if s.file is not None and s.opened],
             "files": [
                 {
@@ -554,6 +586,10 @@ class Session:
         self.phase = "handshake"  # handshake, opening, data, ending, closing, closed
         self._open_event: Any = None  # the Open being served
         self._linger_ends = 0.0
+        self.frame: Tuple[int, int] = (0, -1)  # (size, number) of the large frame admitted, if any
+        self.frame_ends = 0.0  # when an admitted frame must be whole, or a wait for admission ends
+        self.waiting_frame = False  # not read until the server admits the large frame under way
+        self.empty_frames = 0
 
     # -- the loop's events ----------------------------------------------------
     def start(self) -> None:
@@ -561,6 +597,8 @@ class Session:
         self.server.info(f"Client {self.id} connected{who}")
 
     def on_readable(self) -> None:
+        if not self._frame_admitted():
+            return
         try:
             chunk = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -572,6 +610,54 @@ class Session:
             return
         self._guarded(self.conn.receive_data, chunk)
         self._guarded(self._events)
+        if self.frame[0] and self.conn.frame_under_way[1] != self.frame[1]:
+            self._frame_whole()
+
+    # -- large frames -----------------------------------------------------------
+    def _frame_admitted(self) -> bool:
+        """A frame over FRAME_FREE bytes is read only once the server admitted it
+        (--max-frame-memory); until then the session is not read."""
+        size, _ = self.conn.frame_under_way
+        if size <= FRAME_FREE or self.frame[0]:
+            return True
+        if self.server.admit_frame(self, size):
+            self.frame_admitted(size)
+            return True
+        self.waiting_frame = True
+        self.reading = False
+        self.server.interest(self)
+        self.frame_ends = time.monotonic() + self.server.handshake_timeout
+        self.server.at(self.frame_ends, self)
+        return False
+
+    def frame_wanted(self) -> int:
+        """The size of the frame this session waits to have admitted; 0 if it no longer waits."""
+        return self.conn.frame_under_way[0] if self.waiting_frame and self.phase in ("handshake", "data") else 0
+
+    def frame_admitted(self, size: int) -> None:
+        self.frame = (size, self.conn.frame_under_way[1])
+        self.frame_ends = time.monotonic() + self.server.handshake_timeout
+        self.server.at(self.frame_ends, self)
+        if self.waiting_frame:
+            self.waiting_frame = False
+            self.reading = True
+            self.server.interest(self)
+
+    def _frame_whole(self) -> None:
+        size, self.frame = self.frame[0], (0, -1)
+        self.server.frame_done(size)
+
+    def _frame_late(self) -> None:
+        size, timeout = self.conn.frame_under_way[0], self.server.handshake_timeout
+        if self.waiting_frame:
+            why = (
+                f"waited {timeout:g} s for room for a frame of {size} bytes: "
+                "other clients' frames fill --max-frame-memory"
+            )
+        else:
+            why = f"a frame of {size} bytes not completed within {timeout:g} s"
+        self.server.warn(f"Client {self.id} cut off: {why}")
+        self._end(OSError(errno.ENOBUFS, why))
 
     def on_writable(self) -> None:
         self._flush_out()
@@ -583,6 +669,8 @@ class Session:
             self._end(error)
         elif self.phase == "closing" and now >= self._linger_ends:
             self._close_socket()
+        elif (self.waiting_frame or self.frame[0]) and now >= self.frame_ends and self.phase in ("handshake", "data"):
+            self._frame_late()
 
     def interrupt(self) -> None:
         """Server stopping: read what the client sent, then end (its read side is shut)."""
@@ -634,6 +722,10 @@ class Session:
             event = conn.next_event()
             kind = type(event)
             if kind is P.Data:
+                if not event.payload:
+                    self.empty_frames += 1
+                    if self.empty_frames > EMPTY_FRAMES:
+                        raise P.ProtocolError(f"more than {EMPTY_FRAMES} empty DATA frames", conn.state, "Data")
                 batch.append(event.payload)
                 continue
             self._append(batch)
@@ -986,6 +1078,8 @@ class Session:
         self.phase = "closed"
         self.reading = False
         self.out.clear()
+        if self.frame[0]:
+            self._frame_whole()  # as good as whole: its memory is free
         self.server.interest(self)
         self.server.session_done(self)
         self.sock.close()
@@ -1025,7 +1119,6 @@ def install_signal_handlers(server: Server) -> None:
     # watcher's); CPython runs the handler in the main thread only when that
     # thread next runs bytecode. The wakeup fd makes the signal itself wake the
     # main thread's select(), so a SIGTERM is never left waiting.
-    os.set_blocking(server.wakeup_fd, False)
     signal.set_wakeup_fd(server.wakeup_fd)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -1080,6 +1173,7 @@ def main_server(args, log: LineLogger) -> int:
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         max_ring_memory=args.max_ring_memory,
+        max_frame_memory=args.max_frame_memory,
         handshake_timeout=args.handshake_timeout,
     )
     for output in log.outputs:
@@ -1088,12 +1182,12 @@ def main_server(args, log: LineLogger) -> int:
         except (OSError, ValueError):
             pass  # an output with no descriptor
     log.info("This is offlog server")
+    install_signal_handlers(server)  # before the socket exists: a client may signal as soon as it connects
     try:
         server.bind()
     except (RuntimeError, LookupError, OSError) as exc:
         log.error(f"Cannot listen on {args.socket_file}: {exc}")
         return 1
-    install_signal_handlers(server)
     log.info(f"Listening on socket {args.socket_file}")
     log.info(f"Rotation watcher: {server.files.watcher.describe()}")
     if args.shm:

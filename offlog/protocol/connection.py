@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import events as E
 from . import wire as W
@@ -188,6 +188,12 @@ class _Connection:
     def pending(self) -> int:
         """Bytes received that are not part of a whole message yet."""
         return len(self._raw) + self._frames.pending
+
+    @property
+    def frame_under_way(self) -> Tuple[int, int]:
+        """(size in all, number) of the frame whose bytes are arriving; size 0 if none."""
+        frames = self._frames
+        return (frames.incomplete, frames.completed) if self.framed and not self._raw else (0, frames.completed)
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes received from the peer; ``b""`` means end of file."""

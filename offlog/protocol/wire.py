@@ -165,11 +165,18 @@ class FrameReader:
         self._have = 0
         self._need = FRAME_HEADER.size
         self._allowed = allowed
+        self.completed = 0  # frames parsed so far
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet part of a whole frame."""
         return self._have
+
+    @property
+    def incomplete(self) -> int:
+        """Bytes the frame under way has in all, header included, once its header is
+        here (0 if no frame is under way, 5 while its header is not whole)."""
+        return self._need if self._have else 0
 
     def feed(self, data: bytes) -> List[Frame]:
         if data:
@@ -192,6 +199,7 @@ class FrameReader:
                 self._need = header + length
                 break
             frames.append(Frame(ftype, view[pos + header : pos + header + length]))
+            self.completed += 1
             pos += header + length
         else:
             self._need = header
