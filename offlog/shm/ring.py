@@ -40,38 +40,32 @@ x86 (see :func:`offlog.shm.objects.unsupported_reason`); elsewhere clients use t
 
 The doorbell (why a wakeup is never lost for longer than a bounded wait)
 ----------------------------------------------------------------------
-A sleeping consumer waits on a POSIX semaphore. Posting it costs a syscall
-when someone waits, so the producer posts only when the consumer's ``STATE``
-word says ``SLEEPING``: the hot path is one load of ``STATE`` after the
-``head`` store. This is the "set my flag, then check yours" handshake that
-x86 *can* break: the producer's ``head`` store may sit in its store buffer
-while its ``STATE`` load already reads ``AWAKE``, and at the same moment the
+While a ring is *awake* the server polls it (:mod:`offlog.writers` drains
+every awake ring of a file in one pass, about a millisecond apart while
+bytes flow) and the producer posts nothing: the hot path is one load of
+``STATE`` after the ``head`` store. A ring that had no new bytes for a while
+*sleeps*: ``STATE`` says ``SLEEPING`` and the producer posts the doorbell (a
+POSIX semaphore) after its next publish; :mod:`offlog.shm.doorbells` waits on
+the doorbells of all sleeping rings.
+
+Falling asleep is the "set my flag, then check yours" handshake that x86
+*can* break: the producer's ``head`` store may sit in its store buffer while
+its ``STATE`` load already reads ``AWAKE``, and at the same moment the
 consumer's ``SLEEPING`` store may sit in its buffer while it re-reads the old
 ``head``. Both then skip: a missed wakeup. The consumer closes that window
-instead of paying for fences on the hot path:
+instead of paying for fences on the hot path: it stores ``SLEEPING``,
+re-reads ``head`` (no sleep if there is data), and re-reads it once more
+``SETTLE`` (1 ms) later. A producer whose ``STATE`` load ran before
+``SLEEPING`` became visible had already issued its ``head`` store; store
+buffers drain in nanoseconds, far inside 1 ms, so the second re-read finds
+that ``head``. A producer whose load ran after ``SLEEPING`` became visible
+sees it and posts. So a missed post costs at most ``SETTLE`` of latency,
+never data; the doorbell waiters also look at every sleeping ring now and
+then as a second line of defence.
 
-* it stores ``SLEEPING``, re-reads ``head`` (no sleep if there is data), then
-  waits at most ``SETTLE`` (1 ms), re-reads ``head`` once more, and only then
-  waits without a short timeout.
-* A producer whose ``STATE`` load ran before ``SLEEPING`` became visible had
-  already issued its ``head`` store; store buffers drain in nanoseconds, far
-  inside 1 ms, so the second re-read finds that ``head``. A producer whose
-  load ran after ``SLEEPING`` became visible sees it and posts.
-
-So a missed post costs at most ``SETTLE`` of latency, never data. The long
-wait is also bounded (``IDLE_WAIT``) as a second line of defence.
-
-While data keeps flowing the consumer never sleeps: it naps on the semaphore
-with ``STATE`` still ``AWAKE`` (producers skip the post), which batches many
-writes into one ``writev``. Empty naps grow from ``NAP`` (0.2 ms) by doubling;
-only after ``NAPS_BEFORE_SLEEP`` of them (0.2 + 0.4 + 0.8 + 1.6 = 3 ms of
-idleness) does it go through the sleep handshake above. A slow writer thus
-costs the server a few wake-ups per record at most, a fast one none.
-
-:meth:`Consumer.wait` is this section in code: its caller drains the ring
-and, when there is nothing to drain, calls it with the semaphore's timed wait
-(:meth:`offlog.shm.objects.ServerRing.wait` does) and learns nothing of naps,
-``STATE`` or ``SETTLE``.
+:class:`Consumer` holds the ring's side of this (:meth:`Consumer.sleep`,
+:meth:`Consumer.awaken`, :meth:`Consumer.has_data`); who polls and who waits
+is the server's business.
 
 The shared header is hostile input for the server: :class:`Consumer` keeps
 its own ``tail`` and checks ``head`` and the identity words every time.
