@@ -252,6 +252,8 @@ class OpenFile:
         keep_out: AbstractSet[Identity] = frozenset(),
     ) -> None:
         self.path = path
+        #: The path's directory and its name in it (as inotify names it), for the rotation watcher.
+        self.directory, self.name = os.path.dirname(path), os.fsencode(os.path.basename(path))
         self._keep_out = keep_out
         self.fd = -1
         self.clients = 0
@@ -387,6 +389,18 @@ def _append_whole(fd: int, parts: Sequence[Buffer]) -> int:
     else; if finishing fails, the bytes of ``parts`` already in a regular
     file are truncated away before the error is raised.
     """
+    if len(parts) <= IOV_MAX:  # the common case: one writev, all of it
+        want = sum(map(len, parts))
+        written = os.writev(fd, parts)
+        if written == want:
+            return written
+        parts = _after(parts, written)
+        try:
+            return written + _append_whole(fd, parts)
+        except OSError:
+            if written:
+                _cut_off(fd, written)
+            raise
     total = 0  # bytes of ``parts`` in the file so far
     try:
         for start in range(0, len(parts), IOV_MAX):
@@ -676,8 +690,7 @@ class RotationWatcher:
         entries = [
             entry
             for entry in self._table.snapshot()
-            if (os.path.dirname(entry.path), b"") in names
-            or (os.path.dirname(entry.path), os.fsencode(os.path.basename(entry.path))) in names
+            if (entry.directory, b"") in names or (entry.directory, entry.name) in names
         ]
         return self._table.check_rotation(entries, "renamed or deleted, seen by inotify")
 

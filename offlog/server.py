@@ -560,6 +560,8 @@ class Session:
     """One client connection. Every method runs on the event loop's thread, but
     the ``on_*`` callbacks are what the writers report (run on the loop too)."""
 
+    ACK_EVERY = ACK_EVERY
+
     def __init__(self, server: Server, sid: int, sock: socket.socket) -> None:
         self.server = server
         self.id = sid
@@ -572,13 +574,15 @@ class Session:
         self.ring: Optional[ServerRing] = None
         self.ring_state: Optional[str] = None  # the writers': awake, asleep, gone
         self.ring_seen = 0.0  # the writers': when the ring last had bytes
+        self.work: Any = None  # the writers': the file's work, while the ring is awake
+        self.has_data: Optional[Callable[[], bool]] = None  # the writers': the ring's poll
         self.failed: Optional[BaseException] = None  # set by the writers: the file or ring failed
         self.pid, self.uid = peer_credentials(sock)
         self.connected = time.time()
         self.handshake_ends = time.monotonic() + server.handshake_timeout
         self.written = 0  # the writers'
         self.confirmed = 0  # `written` as last told to the client in a WRITTEN frame
-        self.queued = 0  # bytes handed to the writers, not yet written
+        self.received = 0  # bytes handed to the writers (written - received: not yet written)
         self.dropped = 0
         self.out = bytearray()  # what the socket did not take yet
         self.mask = selectors.EVENT_READ  # what the loop watches the socket for
@@ -744,10 +748,9 @@ class Session:
 
     def _append(self, parts: List[memoryview]) -> None:
         if parts:
-            n = sum(map(len, parts))
-            self.queued += n
+            self.received += sum(map(len, parts))
             self.server.writers.append(self, parts)
-            if self.queued > SESSION_BUFFER and self.reading:
+            if self.received - self.written > SESSION_BUFFER and self.reading:
                 self.reading = False  # the writers are behind: the client waits in its socket
                 self.server.interest(self)
 
@@ -920,16 +923,22 @@ class Session:
         return None
 
     # -- what the writers report ------------------------------------------------
-    def on_written(self, n: int) -> None:
-        """Socket bytes are in the file: WRITTEN now and then; read on if paused."""
-        self.queued -= n
+    def on_written(self) -> None:
+        """Socket bytes are in the file (the writers call when a WRITTEN is due or the
+        session is paused): WRITTEN now and then; read on if paused."""
         if self.phase not in ("data", "ending"):
             return
-        if self.written - self.confirmed >= ACK_EVERY and self.conn.framed and self.ring is None:
-            self._confirm()
-        if not self.reading and self.phase == "data" and self.queued <= SESSION_BUFFER // 2:
+        if self.written - self.confirmed >= ACK_EVERY and self.ring is None:
+            if self.conn.framed:
+                self._confirm()
+            else:
+                self.confirmed = self.written  # 0.x has no WRITTEN: nothing is due
+        if not self.reading and self.phase == "data" and self._writers_caught_up():
             self.reading = True
             self.server.interest(self)
+
+    def _writers_caught_up(self) -> bool:
+        return self.received - self.written <= SESSION_BUFFER // 2
 
     def on_flushed(self, token: int) -> None:
         if self.phase in ("data", "ending"):
@@ -1003,7 +1012,7 @@ class Session:
             if self.phase == "closing":
                 self._close_socket()
                 return
-            if not self.reading and self.phase in ("handshake", "data") and self.queued <= SESSION_BUFFER // 2:
+            if not self.reading and self.phase in ("handshake", "data") and self._writers_caught_up():
                 self.reading = True
         self.server.interest(self)
 
@@ -1097,7 +1106,9 @@ class Session:
             "connected": round(self.connected, 3),
             "bytes_written": self.written,
             "unconfirmed": (
-                self.ring.consumer.unconfirmed() if self.ring is not None else self.conn.pending + self.queued
+                self.ring.consumer.unconfirmed()
+                if self.ring is not None
+                else self.conn.pending + self.received - self.written
             ),
             "dropped_bytes": self.dropped,
         }

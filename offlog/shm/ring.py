@@ -458,6 +458,18 @@ class Consumer:
         self._tail = position
         self._words[TAIL_WORD] = position
 
+    def drain(self, append: Callable[[List[memoryview]], Any]) -> int:
+        """The server's hot path: ``append`` every byte published (HEAD checked as by
+        :meth:`available`; raises RingCorrupt), then hand the space back; bytes moved.
+        ``append`` raising leaves the ring as it was."""
+        head = self.available()
+        tail = self._tail
+        if head != tail:
+            append(_pieces(self._data, tail, head - tail))
+            self._tail = head
+            self._words[TAIL_WORD] = head
+        return head - tail
+
     def has_data(self) -> bool:
         """HEAD moved (unchecked: a poll; :meth:`available` checks before anything is read)."""
         return self._words[HEAD_WORD] != self._tail
