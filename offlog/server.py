@@ -624,6 +624,10 @@ class Session:
         size, _ = self.conn.frame_under_way
         if size <= FRAME_FREE or self.frame[0]:
             return True
+        if self.waiting_frame:  # in line already (read only by a stop's interrupt)
+            self.reading = False
+            self.server.interest(self)
+            return False
         if self.server.admit_frame(self, size):
             self.frame_admitted(size)
             return True
@@ -723,12 +727,17 @@ class Session:
         conn = self.conn
         batch: List[memoryview] = []
         while self.phase in ("handshake", "data"):
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except P.ProtocolError:
+                self._append(batch)  # what came before the bad frame (or a stop's cut) is written
+                raise
             kind = type(event)
             if kind is P.Data:
                 if not event.payload:
                     self.empty_frames += 1
                     if self.empty_frames > EMPTY_FRAMES:
+                        self._append(batch)
                         raise P.ProtocolError(f"more than {EMPTY_FRAMES} empty DATA frames", conn.state, "Data")
                 batch.append(event.payload)
                 continue
