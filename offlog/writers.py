@@ -185,6 +185,7 @@ class Writers:
             "awake_rings": awake,
             "sleeping_rings": self.doorbells.sleeping() if self.doorbells is not None else 0,
             "doorbell_threads": self.doorbells.threads() if self.doorbells is not None else 0,
+            "doorbell_wakes": self.doorbells.wakes if self.doorbells is not None else 0,
         }
 
     def _submit(self, session: Any, kind: str, arg: Any, urgent: bool = True) -> None:

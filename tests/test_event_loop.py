@@ -84,6 +84,26 @@ def test_idle_ring_clients_cost_no_thread_each_and_their_rings_sleep(start_serve
         assert (workdir / f"idle{i}.log").read_bytes() == b"first %d\nsecond %d\n" % (i, i)
 
 
+def test_a_client_spamming_its_doorbell_wakes_the_server_about_once_per_sleep(start_server, workdir):
+    """A ring client posting its doorbell 300,000 times (the semaphore is in its own
+    memory) wakes the server once for the sleeping ring; while the ring is awake its
+    posts wake nobody. Before, every post woke the ring's own server thread."""
+    server = start_server("--shm", "--ring-size", "64K")
+    f = offlog.ProxyFile(str(workdir / "spam.log"), server.sock, shm=True)
+    post = f._transport._data._doorbell  # ClientRing.post: sem_post on the ring's doorbell
+    f.write(b"before\n")
+    wait_for(lambda: server_status(server.sock, 30_000)["writers"]["sleeping_rings"] == 1, what="the ring to sleep")
+    before = server_status(server.sock, 30_000)["writers"]["doorbell_wakes"]
+    for _ in range(300_000):
+        post()
+    after = server_status(server.sock, 30_000)["writers"]["doorbell_wakes"]
+    # One wake, plus at most one per SLEEP_AFTER (50 ms) the spam lasted, if it outlasted an awake spell.
+    assert 1 <= after - before <= 1 + 100, (before, after)
+    f.write(b"after\n")
+    f.close()
+    assert (workdir / "spam.log").read_bytes() == b"before\nafter\n"
+
+
 def send_in_background(client: RawClient, data: bytes) -> threading.Thread:
     thread = threading.Thread(target=client.sock.sendall, args=(data,), daemon=True)
     thread.start()

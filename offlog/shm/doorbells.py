@@ -122,6 +122,7 @@ class Doorbells:
         self._where: Dict[ServerRing, _Waiter] = {}
         self._closed = False
         self.available = waitv_available()
+        self.wakes = 0  # rings woken by their doorbell (or found with bytes while falling asleep)
 
     def sleep(self, ring: ServerRing, rung: Callable[[], None]) -> bool:
         """Put ``ring`` to sleep; ``rung()`` is called once (on a waiter thread, under the
@@ -169,6 +170,7 @@ class Doorbells:
     def _gone(self, ring: ServerRing) -> None:
         """Lock held: a waiter let ``ring`` go (it rang)."""
         self._where.pop(ring, None)
+        self.wakes += 1
 
 
 class _Waiter:
