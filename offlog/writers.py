@@ -16,12 +16,17 @@ So the server's cost follows passes and files with data, not records or
 clients: 256 clients writing 100 records a second each cost about a pass every
 two milliseconds, not 25,600 wake-ups.
 
-The period. After a pass that found work the next one runs ``POLL`` later
-(or at once if it moved much: a burst); each empty pass doubles the wait up
-to ``POLL_MAX``. A ring that had no new bytes for ``SLEEP_AFTER`` goes to
-sleep: the leader stops polling it and :class:`~offlog.shm.doorbells.Doorbells`
-waits on its doorbell, which calls :meth:`Writers.rung` when the client writes
-again (one wake for the batch that follows). With no awake ring and no job the
+The period follows the size of the appends: after a pass whose appends were
+large (``BIG_APPEND`` on average: a burst, where the cost is per byte) the
+next runs at once; after one with middling appends, ``POLL`` later; after
+one with small appends or nothing, the wait doubles up to ``POLL_MAX``, so
+that each file's bytes gather into fewer, larger appends (and many slow
+clients cost a pass every few milliseconds, not a pass per record).
+
+A ring that had no new bytes for ``SLEEP_AFTER`` goes to sleep: the leader
+stops polling it and :class:`~offlog.shm.doorbells.Doorbells` waits on its
+doorbell, which calls :meth:`Writers.rung` when the client writes again (one
+wake for the batch that follows). With no awake ring and no job the
 leader waits without a timeout: an idle server costs nothing.
 
 Stalls. A file operation can block for as long as the file likes (a FIFO
@@ -57,8 +62,10 @@ from .shm.doorbells import Doorbells
 POLL = 0.002
 #: Longest wait between passes while any ring is awake (empty passes double POLL up to this).
 POLL_MAX = 0.008
-#: A pass that moved this many bytes is followed by the next one at once.
-BURST = 256 * 1024
+#: Appends of this many bytes on average: the next pass runs at once (a burst).
+BIG_APPEND = 64 * 1024
+#: Appends smaller than this on average: the wait before the next pass doubles (up to POLL_MAX).
+SMALL_APPEND = 4 * 1024
 #: Seconds without new bytes after which a ring goes to sleep (its client's next write posts).
 SLEEP_AFTER = 0.05
 #: Seconds one file operation may take before another thread takes over the other files.
@@ -231,10 +238,15 @@ class Writers:
                 if role is None:
                     return
                 if role == "lead":
-                    moved, found = self._pass(me)
+                    moved, appends, found = self._pass(me)
                     if found:
                         found_at = time.monotonic()
-                    delay = 0.0 if moved >= BURST else POLL if found else min(POLL_MAX, max(POLL, delay * 2))
+                    if appends and moved >= BIG_APPEND * appends:
+                        delay = 0.0
+                    elif appends and moved >= SMALL_APPEND * appends:
+                        delay = POLL
+                    else:
+                        delay = min(POLL_MAX, max(POLL, delay * 2))
                 elif role == "took over":
                     self._take_over()
         finally:
@@ -293,8 +305,8 @@ class Writers:
                 self._no_standby_said = True
                 self._warn(f"No standby writer thread ({exc}): a stalled file may delay others until it moves")
 
-    def _pass(self, me: threading.Thread) -> Tuple[int, bool]:
-        """Serve every file with work once; (bytes moved, anything found). A file
+    def _pass(self, me: threading.Thread) -> Tuple[int, int, bool]:
+        """Serve every file with work once; (bytes moved, appends, anything found). A file
         whose rings have nothing new and that has no job costs one look per ring.
 
         ``owner`` and ``_ops`` are claimed without the lock: only the leader claims
@@ -311,7 +323,7 @@ class Writers:
                 todo[work] = [session]
             elif todo[work] is not None:
                 todo[work].append(session)  # (None: the work has jobs, and a full serve drains every ring)
-        moved, found = 0, False
+        moved, appends, found = 0, 0, False
         self.passes += 1
         ops = self._ops
         for work, ready in todo.items():
@@ -326,6 +338,7 @@ class Writers:
             work.owner = None
             if n >= 0:
                 moved += n
+                appends += n > 0
                 found = True
         with self._lock:
             for work in todo:
@@ -336,7 +349,7 @@ class Writers:
         if now >= self._next_sleep_check:
             self._next_sleep_check = now + SLEEP_AFTER / 5
             self._put_idle_rings_to_sleep(now)
-        return moved, found
+        return moved, appends, found
 
     def _has_data(self, work: Work) -> bool:
         return any(s.has_data() for s in work.rings)
