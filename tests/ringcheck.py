@@ -53,8 +53,9 @@ def run(producer_cls: Type[Producer], records: int, capacity: int = 1 << 16, tim
         try:
             os.kill(pid, 9)
         except ProcessLookupError:
-            pass
-        os.waitpid(pid, 0)
+            pass  # reaped already: the consumer saw it exit while its last bytes were on their way
+        else:
+            os.waitpid(pid, 0)
     consumer.close()
     mapping.close()
     return verified
