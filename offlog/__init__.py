@@ -6,14 +6,32 @@ and does the blocking I/O. ``ProxyFile`` is the file-like client,
 
 The names below load their modules on first use, so a process that imports
 only the server (``offlog.server``) never loads the client stack.
+
+``__with_speedups__`` says whether the ring producer's hot path runs in C
+(``offlog._speedups``, built by the install where a compiler exists) or in
+pure Python (no compiler then, or ``OFFLOG_PUREPYTHON=1`` in the environment).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any, List
 
 __version__ = "1.0.0.dev0"
+
+
+def _speedups_usable() -> bool:
+    if os.environ.get("OFFLOG_PUREPYTHON", "") not in ("", "0"):
+        return False
+    try:
+        from . import _speedups  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__with_speedups__ = _speedups_usable()
 
 #: Each public name and the module that defines it.
 _HOMES = {

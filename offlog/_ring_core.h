@@ -1,0 +1,139 @@
+/* The ring's producer hot path in plain C: no Python API, so a C client can share it.
+ *
+ * Theory of operation
+ * -------------------
+ * One ring carries one client's bytes to the server (docs/protocol.md, section 7).
+ * The client is the producer: it copies a write's bytes into the data area at
+ * ``head`` and then publishes ``head + n`` in HEAD; the server, the consumer,
+ * reads HEAD, writes ``[tail, HEAD)`` to the file and publishes TAIL. Positions
+ * are monotonic 64-bit byte counters; the byte at position p lives at
+ * ``data[p & (capacity - 1)]``.
+ *
+ * ``offlog_ring_put`` is the whole hot path: a bounds check against the
+ * caller's cached ``limit``, one memcpy, one release store of HEAD, one acquire
+ * load of STATE. It takes only a write that fits in one piece before ``limit``
+ * (the caller keeps it at most ``tail + capacity`` and at most the end of the
+ * current lap of the data area, as offlog/shm/ring.py's ``Producer._limit``
+ * does) and says ``OFFLOG_PUT_NO_ROOM``, having touched nothing, for any
+ * other: the caller's slow path refreshes TAIL, wraps, and keeps a backlog.
+ * The core checks the end of the data area itself too, so no ``limit`` can
+ * make it write outside the mapping. It never blocks, never makes a system
+ * call, and posts nothing: it says what the caller must do next
+ * (``OFFLOG_PUT_POST``: post the doorbell; ``OFFLOG_PUT_FAILED``: the consumer
+ * flagged an error, read ERRNO).
+ *
+ * Memory ordering
+ * ---------------
+ * * The copy, then HEAD with ``memory_order_release``: no store of the copy can
+ *   become visible after HEAD, on any machine (a plain ``mov`` on x86-64, ``stlr``
+ *   on aarch64), and the compiler can neither delay, split nor merge the store.
+ *   The consumer loads HEAD with acquire before it reads the bytes, so it never
+ *   reads a position before its bytes.
+ * * STATE with ``memory_order_acquire``, after the HEAD store: a consumer that
+ *   stored ERRNO and then FAILED (release) is seen with its ERRNO.
+ * * Release-then-acquire does not order the HEAD store before the STATE load
+ *   (store->load reordering is allowed: the store may sit in the store buffer
+ *   while the load reads AWAKE). That is the Dekker window of the sleep
+ *   handshake, and it stays closed where the pure-Python producer closes it:
+ *   a consumer that stored SLEEPING re-reads HEAD once more SETTLE (1 ms)
+ *   later, and a store buffer drains long before that (the doorbell section
+ *   of offlog/shm/ring.py's header; docs/protocol.md 7.7). So no fence is
+ *   paid here.
+ *
+ * Layout
+ * ------
+ * The offsets mirror offlog/shm/layout.py, the only place they are defined;
+ * tests/test_speedups.py compares the values below (exported by offlog._speedups)
+ * with layout.py's. The static asserts pin the struct to them and make every
+ * header word an aligned, lock-free 8-byte atomic.
+ */
+#ifndef OFFLOG_RING_CORE_H
+#define OFFLOG_RING_CORE_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* offlog/shm/layout.py: identity, word indices (8-byte words), byte offsets, STATE values. */
+#define OFFLOG_MAGIC 0x3252474f4c46464fULL /* "OFFLOGR2" little-endian */
+#define OFFLOG_VERSION 2
+#define OFFLOG_MAGIC_WORD 0
+#define OFFLOG_VERSION_WORD 1
+#define OFFLOG_CAPACITY_WORD 2
+#define OFFLOG_DATA_OFFSET_WORD 3
+#define OFFLOG_HEAD_WORD 8
+#define OFFLOG_TAIL_WORD 16
+#define OFFLOG_STATE_WORD 17
+#define OFFLOG_ERRNO_WORD 18
+#define OFFLOG_DOORBELL_OFFSET 192
+#define OFFLOG_DOORBELL_SIZE 64
+#define OFFLOG_HEADER_SIZE 256
+#define OFFLOG_DATA_OFFSET 256
+#define OFFLOG_AWAKE 0
+#define OFFLOG_SLEEPING 1
+#define OFFLOG_FAILED 2
+
+/* The header: every field but the doorbell a little-endian u64, each side's on its own cache line. */
+struct offlog_ring_header {
+    _Atomic uint64_t magic;
+    _Atomic uint64_t version;
+    _Atomic uint64_t capacity;
+    _Atomic uint64_t data_offset;
+    uint64_t reserved0[4];
+    _Atomic uint64_t head; /* written by the producer only */
+    uint64_t reserved1[7];
+    _Atomic uint64_t tail; /* written by the consumer only, as are state and err */
+    _Atomic uint64_t state;
+    _Atomic uint64_t err;
+    uint64_t reserved2[5];
+    unsigned char doorbell[OFFLOG_DOORBELL_SIZE]; /* a process-shared sem_t; the producer only sem_posts it */
+};
+
+#define OFFLOG_WORD_AT(field, word) (offsetof(struct offlog_ring_header, field) == 8 * (word))
+_Static_assert(OFFLOG_WORD_AT(magic, OFFLOG_MAGIC_WORD), "MAGIC_WORD");
+_Static_assert(OFFLOG_WORD_AT(version, OFFLOG_VERSION_WORD), "VERSION_WORD");
+_Static_assert(OFFLOG_WORD_AT(capacity, OFFLOG_CAPACITY_WORD), "CAPACITY_WORD");
+_Static_assert(OFFLOG_WORD_AT(data_offset, OFFLOG_DATA_OFFSET_WORD), "DATA_OFFSET_WORD");
+_Static_assert(OFFLOG_WORD_AT(head, OFFLOG_HEAD_WORD), "HEAD_WORD");
+_Static_assert(OFFLOG_WORD_AT(tail, OFFLOG_TAIL_WORD), "TAIL_WORD");
+_Static_assert(OFFLOG_WORD_AT(state, OFFLOG_STATE_WORD), "STATE_WORD");
+_Static_assert(OFFLOG_WORD_AT(err, OFFLOG_ERRNO_WORD), "ERRNO_WORD");
+_Static_assert(offsetof(struct offlog_ring_header, doorbell) == OFFLOG_DOORBELL_OFFSET, "DOORBELL_OFFSET");
+_Static_assert(sizeof(struct offlog_ring_header) == OFFLOG_HEADER_SIZE, "HEADER_SIZE");
+_Static_assert(OFFLOG_DATA_OFFSET == OFFLOG_HEADER_SIZE, "the data area follows the header");
+_Static_assert(sizeof(_Atomic uint64_t) == 8, "an atomic word is 8 bytes, no lock inside");
+_Static_assert(_Alignof(_Atomic uint64_t) == 8, "atomic words are 8-byte aligned");
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "8-byte atomics are lock-free: two processes share no hidden lock");
+
+/* What the caller does after offlog_ring_put. */
+enum offlog_put {
+    OFFLOG_PUT_NO_ROOM = -1, /* nothing written: take the slow path */
+    OFFLOG_PUT_DONE = 0,     /* published; the consumer is awake (or STATE holds a value it never stores) */
+    OFFLOG_PUT_POST = 1,     /* published; STATE = SLEEPING: post the doorbell */
+    OFFLOG_PUT_FAILED = 2,   /* published; STATE = FAILED: the consumer flagged an error (ERRNO) */
+};
+
+/* Copy the ``n`` bytes at ``src`` to position ``head`` of the ring whose header is ``header``
+ * and whose data area is ``data`` (``capacity`` bytes, a power of two), and publish
+ * ``head + n``, if they end at or before ``limit`` and before the end of the data area. */
+static inline enum offlog_put offlog_ring_put(struct offlog_ring_header *header, unsigned char *data,
+                                              uint64_t capacity, uint64_t head, uint64_t limit,
+                                              const void *src, size_t n)
+{
+    uint64_t start = head & (capacity - 1);
+    if (limit < head || n > limit - head || n > capacity - start)
+        return OFFLOG_PUT_NO_ROOM;
+    memcpy(data + start, src, n);
+    atomic_store_explicit(&header->head, head + n, memory_order_release);
+    switch (atomic_load_explicit(&header->state, memory_order_acquire)) {
+    case OFFLOG_SLEEPING:
+        return OFFLOG_PUT_POST;
+    case OFFLOG_FAILED:
+        return OFFLOG_PUT_FAILED;
+    default:
+        return OFFLOG_PUT_DONE;
+    }
+}
+
+#endif /* OFFLOG_RING_CORE_H */
