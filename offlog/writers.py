@@ -312,10 +312,8 @@ class Writers:
         ``owner`` and ``_ops`` are claimed without the lock: only the leader claims
         a free work, and a stuck thread frees the one it holds as its last act on
         it, so no work is ever served by two threads (plain stores, under the GIL)."""
-        with self._lock:
+        with self._lock:  # (a work stays in _jobbed until served: if this thread gets stuck, the next leader sees it)
             todo: Dict[Work, Optional[List[Any]]] = {w: None for w in self._jobbed if w.owner is None}
-            for work in todo:
-                del self._jobbed[work]
         self._now = time.monotonic()
         for session in [s for s in self._awake if s.has_data()]:  # one look per awake ring
             work = session.work
@@ -330,6 +328,7 @@ class Writers:
             if work.owner is not None or self._leader is not me:
                 continue
             work.owner = me
+            self._jobbed.pop(work, None)  # its jobs are served now (one that comes meanwhile puts it back)
             ops[me] = (work, time.monotonic())
             n = self._serve(work, ready)
             while self._leader is not me and (work.jobs or self._has_data(work)):
@@ -342,8 +341,8 @@ class Writers:
                 found = True
         with self._lock:
             for work in todo:
-                if work.jobs:  # skipped (another thread's, or this one lost the lead): for the next pass
-                    self._jobbed[work] = None
+                if work.jobs and work.owner is None and work not in self._jobbed:
+                    self._jobbed[work] = None  # a job that came as its serve ended: for the next pass
                     self._wake_leader()
         now = time.monotonic()
         if now >= self._next_sleep_check:
