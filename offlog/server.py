@@ -806,6 +806,8 @@ class Session:
         """Reopening may wait for busy files: on a thread of its own, answered on the loop."""
         server = self.server
         self.phase = "opening"  # (waits for an answer, like an open)
+        self.reading = False  # a hang-up meanwhile is heard when the answer is sent
+        server.interest(self)
 
         def reopen() -> None:
             try:
@@ -1080,11 +1082,9 @@ class Session:
         self._close_ring()
         if self.file is not None:
             file, self.file = self.file, None
-            last = server.files.release(file)
             if self.opened:
                 server.info(f"Client {self.id} closed {file.path}")
-                if last:
-                    server.info(f"Closed {file.path}")
+            server.writers.release(file, lambda last: last and server.info(f"Closed {file.path}"))
         if self.dropped:
             server.warn(f"Client {self.id} dropped {self.dropped} bytes (its backlog was full)")
             server.dropped_closed += self.dropped

@@ -74,7 +74,7 @@ STALL = 0.002
 LINGER = 10.0
 
 # Job kinds.
-OPEN, DATA, FLUSH, FINISH, DROP = "open", "data", "flush", "finish", "drop"
+OPEN, DATA, FLUSH, FINISH, DROP, RELEASE = "open", "data", "flush", "finish", "drop", "release"
 
 AWAKE, ASLEEP, GONE = "awake", "asleep", "gone"
 
@@ -151,6 +151,16 @@ class Writers:
     def drop(self, session: Any) -> None:
         """Let the session's ring go without draining it further, then ``on_released``."""
         self._submit(session, DROP, None)
+
+    def release(self, file: OpenFile, done: Callable[[bool], None]) -> None:
+        """A client of ``file`` is gone: give its reference back (closing the file after
+        its last client may wait for the file's lock, so it is the writers' work), then
+        ``done(closed)`` on the writer's thread."""
+        with self._lock:
+            work = self._work(file)
+            work.jobs.append((RELEASE, None, done))
+            self._jobbed[work] = None
+            self._wake_leader()
 
     def add_ring(self, session: Any) -> None:
         """The session's ring starts carrying its data: poll it."""
@@ -396,9 +406,11 @@ class Writers:
                 self._let_go(session)
                 if session.failed is None:
                     calls.append(session.on_finished)
-            else:  # DROP
+            elif kind == DROP:
                 self._let_go(session)
                 calls.append(session.on_released)
+            else:  # RELEASE
+                arg(self._files.release(work.file))
         moved += self._append_sockets(work, batch, calls)
         with self._lock:
             rings = list(work.rings)

@@ -216,6 +216,7 @@ def test_a_server_whose_log_file_is_full_or_stalled_serves_clients_and_leaks_not
         with offlog.ProxyFile(path, server.sock, shm=False) as f:
             f.write(b"warm-up\n")
         server.wait_log("Client 1 disconnected\n")  # client 0 was start_server's probe
+        server.wait_log(f"Closed {path}\n")  # the writers close the file after its last client
         baseline = open_fds(server.pid)
         for i in range(300):
             with offlog.ProxyFile(path, server.sock, shm=False, timeout=60_000) as f:
