@@ -18,10 +18,10 @@ import termios
 import threading
 import time
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
 import pytest
-from support import wait_for
+from support import client_script, ring_mappings, wait_for
 
 import offlog
 from offlog import protocol as P
@@ -84,18 +84,6 @@ def stall(server, client: Raw, stalls: int = 1) -> None:
     """Fill ``client``'s FIFO so the writer appending it blocks; wait for the standby to take over."""
     client.send(P.Data(b"s" * (256 * 1024)))
     wait_for(lambda: status(server)["writers"]["stalls"] >= stalls, 30, what="a writer stuck on the FIFO")
-
-
-def thread_states(pid: int) -> List[str]:
-    """The scheduler state letter of each thread of ``pid`` (R runs or waits for a CPU)."""
-    states = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except FileNotFoundError:
-            continue
-        states.append(stat.rsplit(")", 1)[1].split()[0])
-    return states
 
 
 def main_thread_state(pid: int) -> str:
@@ -369,6 +357,67 @@ def test_a_client_that_writes_empty_bytes_now_and_then_is_never_cut_off(start_se
     finally:
         f.close()
     assert (workdir / "empty.log").read_bytes() == b"".join(b"line %d\n" % i for i in range(0, 5000, 100)) + b"end\n"
+
+
+# Held: ring sessions ending asleep, awake, or in the middle of writes (the client
+# killed) give back everything: ring memory, doorbells, polling, files, mappings.
+def test_ring_sessions_killed_asleep_awake_or_mid_write_leave_nothing_behind(start_server, procs, workdir):
+    server = start_server("--shm", "--ring-size", "64K")
+    code = f"""
+        import time, offlog
+        files = [offlog.ProxyFile({str(workdir)!r} + "/ring%d.log" % i, {server.sock!r}, shm=True) for i in range(6)]
+        for f in files:
+            f.write(b"first\\n")
+        while True:
+            files[0].write(b"x" * 100 + b"\\n")  # awake, mid-write when killed
+            time.sleep(0.001)
+    """
+    proc = client_script(procs, workdir, code, wait=False)
+    wait_for(lambda: status(server)["writers"]["sleeping_rings"] == 5, 30, what="five idle rings asleep")
+    proc.kill()
+    proc.wait()
+
+    def all_given_back() -> bool:
+        s = status(server)
+        return not s["clients"] and not s["files"] and s["shm"]["ring_memory"] == 0 and s["writers"]["awake_rings"] == 0
+
+    wait_for(all_given_back, 30, what="every ring session to end")
+    assert status(server)["writers"]["sleeping_rings"] == 0
+    wait_for(lambda: ring_mappings(server.pid) == 0, 30, what="the rings' memory unmapped")
+
+
+# Held: a FIFO's reader leaves; each of its two clients hears EPIPE at its next
+# record, the file is closed once both are gone, and the server serves on.
+def test_every_client_of_a_fifo_whose_reader_left_hears_epipe(start_server, workdir):
+    server = start_server()
+    path, reader = full_fifo(workdir)
+    clients = [Raw(server.sock, path).opened() for _ in range(2)]
+    for token, client in enumerate(clients):
+        client.send(P.Data(b"%d\n" % token), P.Flush(token))
+        assert client.next_event() == P.Flushed(token)
+    os.close(reader)
+    for client in clients:
+        client.send(P.Data(b"lost\n"))
+        error = client.next_event()
+        assert isinstance(error, P.Error) and error.exception.errno == errno.EPIPE, error
+        client.close()
+    wait_for(lambda: not status(server)["files"], what="the FIFO closed")
+
+
+# Held: a writer stuck on a full FIFO blocks neither `offlog status` nor a
+# SIGTERM stop: the server exits once STOP_GRACE is over.
+def test_a_stuck_writer_lets_status_answer_and_sigterm_stop_after_the_grace(start_server, workdir):
+    server = start_server()
+    path, reader = full_fifo(workdir)
+    stuck = Raw(server.sock, path).opened()
+    try:
+        stall(server, stuck)
+        assert status(server)["clients"][0]["unconfirmed"] > 0
+        assert server.stop(timeout=40) == 0
+        assert "Exit" in server.output()
+    finally:
+        os.close(reader)
+        stuck.close()
 
 
 def fionread(fd: int) -> int:
