@@ -148,13 +148,11 @@ def test_a_record_queued_in_the_pass_that_stalls_on_another_file_is_written(star
         server.kill()
 
 
-# Bug: server.py Session._answer_reopen moves to phase "opening" but keeps the
-# session registered for reading. A REOPEN client that hangs up while the reopen
-# waits (up to 5 s per busy file) leaves an EOF that every turn of the loop
-# reads (recv -> b"", nothing to act on in "opening"): the loop spins at full
-# speed until the reopen ends. (Bytes sent meanwhile are read and buffered
-# without bound the same way.)
-@pytest.mark.xfail(strict=True, reason="the loop spins on the EOF of a REOPEN client while the reopen waits")
+# Held (fixed while this review ran, a9d08b5): Session._answer_reopen kept a
+# REOPEN client registered for reading while the reopen waited (up to 5 s per
+# busy file); a client that hung up meanwhile left an EOF that every turn of the
+# level-triggered loop read again: the loop spun at full speed (100 of 100
+# samples running) until the answer.
 def test_a_reopen_client_that_hangs_up_during_the_reopen_costs_the_loop_nothing(start_server, workdir):
     server = start_server()
     path, reader = full_fifo(workdir)
@@ -207,12 +205,11 @@ def test_a_fifo_without_reader_does_not_stop_the_rotation_of_other_files(start_s
         server.kill()
 
 
-# Bug: server.py Session._give_back -> FileTable.release -> OpenFile.close takes
-# the file's lock on the event loop's thread. When the last client of a file
-# leaves while another thread holds that lock (the reopen above, waiting in
-# open()), the loop blocks: no client is served, `offlog status` is not
-# answered, and SIGTERM cannot stop the server.
-@pytest.mark.xfail(strict=True, reason="the event loop waits for a file's lock when the file's last client leaves")
+# Held (fixed while this review ran, a9d08b5): Session._give_back gave the file
+# back on the loop's thread (FileTable.release -> OpenFile.close takes the file's
+# lock). When the last client of a file left while another thread held that lock
+# (the reopen above, waiting in open()), the loop blocked for good: no client
+# served, `offlog status` unanswered, SIGTERM ignored past STOP_GRACE.
 def test_the_last_client_of_a_file_whose_lock_is_held_leaving_blocks_no_one(start_server, workdir):
     server = start_server()
     path, reader = full_fifo(workdir)
