@@ -86,7 +86,7 @@ OUT_LIMIT = 1024 * 1024
 CLOSE_LINGER = 1.0
 #: Frames up to this size are read as they come; a larger one waits for --max-frame-memory to admit it.
 FRAME_FREE = 256 * 1024
-#: Empty DATA frames a connection may send (they cost the server a parse each and carry nothing).
+#: Empty DATA frames a connection may send in a row (they cost a parse each and carry nothing).
 EMPTY_FRAMES = 4096
 
 
@@ -648,8 +648,14 @@ class Session:
         self.server.at(self.frame_ends, self)
         if self.waiting_frame:
             self.waiting_frame = False
-            self.reading = True
-            self.server.interest(self)
+            self._read_on()
+
+    def _no_more_frames(self) -> None:
+        """The session reads no more: its admitted frame's memory is free, and it is
+        no longer in line for any (frame_wanted says 0 once it has left the phases)."""
+        self.waiting_frame = False
+        if self.frame[0]:
+            self._frame_whole()
 
     def _frame_whole(self) -> None:
         size, self.frame = self.frame[0], (0, -1)
@@ -734,11 +740,14 @@ class Session:
                 raise
             kind = type(event)
             if kind is P.Data:
-                if not event.payload:
+                if event.payload:
+                    self.empty_frames = 0
+                else:
                     self.empty_frames += 1
                     if self.empty_frames > EMPTY_FRAMES:
                         self._append(batch)
-                        raise P.ProtocolError(f"more than {EMPTY_FRAMES} empty DATA frames", conn.state, "Data")
+                        flood = f"more than {EMPTY_FRAMES} empty DATA frames in a row"
+                        raise P.ProtocolError(flood, conn.state, "Data")
                 batch.append(event.payload)
                 continue
             self._append(batch)
@@ -765,6 +774,7 @@ class Session:
 
     def _end_of_data(self) -> None:
         """The client's data ended: the writers write the rest; then BYE (on_finished)."""
+        self._no_more_frames()
         self.phase = "ending"
         self.reading = False
         self.server.interest(self)
@@ -860,6 +870,10 @@ class Session:
         self.phase = "handshake"
         self.reading = True
         self.server.interest(self)
+        now = time.monotonic()
+        if self.handshake_ends < now + 1.0:  # the open took the client's time: the rest of the
+            self.handshake_ends = now + self.server.handshake_timeout  # handshake gets a fresh deadline
+            self.server.at(self.handshake_ends, self)
         if error is not None:
             self._end(error, f"Client {self.id} access denied for {path}: {P.exception_text(error)}")
             return
@@ -944,12 +958,20 @@ class Session:
                 self._confirm()
             else:
                 self.confirmed = self.written  # 0.x has no WRITTEN: nothing is due
-        if not self.reading and self.phase == "data" and self._writers_caught_up():
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Read this client again if nothing holds it back: the writers have caught
+        up with its bytes, it has read its answers, no large frame waits for room."""
+        if (
+            not self.reading
+            and self.phase in ("handshake", "data")
+            and self.received - self.written <= SESSION_BUFFER // 2
+            and len(self.out) <= OUT_LIMIT
+            and not self.waiting_frame
+        ):
             self.reading = True
             self.server.interest(self)
-
-    def _writers_caught_up(self) -> bool:
-        return self.received - self.written <= SESSION_BUFFER // 2
 
     def on_flushed(self, token: int) -> None:
         if self.phase in ("data", "ending"):
@@ -1023,8 +1045,7 @@ class Session:
             if self.phase == "closing":
                 self._close_socket()
                 return
-            if not self.reading and self.phase in ("handshake", "data") and self._writers_caught_up():
-                self.reading = True
+            self._read_on()
         self.server.interest(self)
 
     # -- ending -----------------------------------------------------------------
@@ -1034,6 +1055,7 @@ class Session:
             self.server.warn(line)
         if self.phase in ("ending", "closing", "closed"):
             return
+        self._no_more_frames()
         if error is not None:
             self._say_error(error)
         self.reading = False
@@ -1096,8 +1118,7 @@ class Session:
         self.phase = "closed"
         self.reading = False
         self.out.clear()
-        if self.frame[0]:
-            self._frame_whole()  # as good as whole: its memory is free
+        self._no_more_frames()
         self.server.interest(self)
         self.server.session_done(self)
         self.sock.close()

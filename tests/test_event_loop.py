@@ -167,7 +167,7 @@ def test_a_flood_of_empty_data_frames_is_cut_off_and_costs_no_one_else(start_ser
         pass  # cut off while it was still sending
     error = flooder.next_event()
     assert isinstance(error, P.Error), error
-    assert "more than 4096 empty DATA frames" in str(error.exception)
+    assert "more than 4096 empty DATA frames in a row" in str(error.exception)
     flooder.close()
     other.write(b"unaffected\n")
     other.close()
