@@ -1,7 +1,8 @@
 """Review of the event-loop server (issue 11): one loop, writers' passes, doorbell waiters.
 
 Each xfail test pins a bug found in review and fails on the code it was found
-in; the others document edge cases that hold. Stuck files are FIFOs: one with a
+in; each "fixed while this review ran" test pinned one that has been fixed since
+(it failed before the commit it names); the others document edge cases that hold. Stuck files are FIFOs: one with a
 reader that never reads (a write blocks once the pipe is full), or one with no
 reader at all (an open for writing blocks). Real servers, real sockets, no mocks.
 """
@@ -225,13 +226,12 @@ def test_the_last_client_of_a_file_whose_lock_is_held_leaving_blocks_no_one(star
         server.kill()
 
 
-# Bug: server.py Session.on_written resumes reading whenever the writers caught
-# up, also a client paused because 1 MiB of its answers are unread (OUT_LIMIT);
-# the writers call it after any append that finds the client paused. Here the
-# client's FLUSHED answers (1.3 MB, unread) pause it while its next record waits
-# for a slow file (a FIFO); once that record is written the server reads the
-# client again, and its next record reaches the file with 1.3 MB of answers unread.
-@pytest.mark.xfail(strict=True, reason="an append resumes reading a client past OUT_LIMIT")
+# Held (fixed while this review ran, 2ba302b): Session.on_written resumed
+# reading whenever the writers caught up, also a client paused because 1 MiB of
+# its answers were unread (OUT_LIMIT); the writers call it after any append that
+# finds the client paused. Here the client's FLUSHED answers (1.3 MB, unread)
+# pause it while its next record waits for a slow file (a FIFO); once that
+# record is written the server must not read the client's next record.
 def test_a_client_that_reads_no_answers_is_not_read_past_the_bound_when_its_file_is_slow(start_server, workdir):
     server = start_server()
     path, reader = full_fifo(workdir)
@@ -277,13 +277,10 @@ def send_in_background(client: Raw, data: bytes) -> threading.Thread:
     return thread
 
 
-# Bug: server.py gives an admitted large frame's memory back in
-# Session._close_socket only. A session that ends (its client left in the middle
-# of the frame, or the frame was late) while its file is stuck stays "ending"
-# until the writers let it go, and keeps the admission all that time: every other
-# client's large frame waits for it and is cut off with ENOBUFS, although the
-# frame will never be read. A stuck file thus refuses other files' clients.
-@pytest.mark.xfail(strict=True, reason="an ended session's frame admission lasts as long as its stuck file")
+# Held (fixed while this review ran, 2ba302b): an admitted large frame's memory
+# came back in Session._close_socket only. A session that ended (its client left
+# mid-frame) while its file was stuck stayed "ending" and kept the admission:
+# every other client's large frame waited for it and was cut off with ENOBUFS.
 def test_a_client_of_a_stuck_file_leaving_mid_frame_gives_its_frame_memory_back(start_server, workdir):
     server = start_server("--max-frame-memory", "4M", "--handshake-timeout", "3")
     path, reader = full_fifo(workdir)
@@ -306,14 +303,10 @@ def test_a_client_of_a_stuck_file_leaving_mid_frame_gives_its_frame_memory_back(
         server.kill()
 
 
-# Bug: server.py arms the handshake deadline once (Server._start_session), and
-# Session.on_timer ignores it in phase "opening". When the open outlasts the
-# deadline (a slow path; here a FIFO whose reader comes late), the ring offer
-# made after it is waited for without any deadline: a client that never answers
-# holds its ring (memory and --max-ring-memory) for as long as it stays
-# connected, although "the server waits for [SHM_ACCEPT] under the handshake
-# timeout" (docs/protocol.md).
-@pytest.mark.xfail(strict=True, reason="no handshake deadline for a ring offer made after a slow open")
+# Held (fixed while this review ran, 2ba302b): the handshake deadline was armed
+# once and ignored in phase "opening"; a ring offered after an open that outlasted
+# it (a FIFO whose reader came late) was waited for without any deadline, its
+# ring held (memory, --max-ring-memory) while the client stayed connected.
 def test_a_ring_offer_after_a_slow_open_is_still_bounded_by_the_handshake_timeout(start_server, workdir):
     server = start_server("--shm", "--ring-size", "64K", "--handshake-timeout", "1")
     path = workdir / "late.fifo"
@@ -334,13 +327,11 @@ def test_a_ring_offer_after_a_slow_open_is_still_bounded_by_the_handshake_timeou
         server.kill()
 
 
-# Bug: server.py Session._events counts empty DATA frames over a connection's
-# whole life (EMPTY_FRAMES = 4096) and cuts the client off past that, while the
-# client's socket hot path (socketpath.py FramedSocket.write) sends a frame for
-# every write(b"") (the ring transport skips them). A well-behaved client that
-# now and then writes empty bytes is cut off with a protocol error after 4096 of
-# them, and every record after that is lost.
-@pytest.mark.xfail(strict=True, reason="write(b'') sends an empty frame and the server counts them over a lifetime")
+# Held (fixed while this review ran, 2ba302b): the server counted empty DATA
+# frames over a connection's life and cut the client off past 4,096, while the
+# client's socket hot path (socketpath.py FramedSocket.write) sends one for every
+# write(b"") (the ring transport skips them): a client writing empty bytes now
+# and then lost every record after its 4,096th.
 def test_a_client_that_writes_empty_bytes_now_and_then_is_never_cut_off(start_server, workdir):
     server = start_server()
     f = offlog.ProxyFile(str(workdir / "empty.log"), server.sock, shm=False)
