@@ -325,7 +325,7 @@ class Writers:
         with self._lock:  # (a work stays in _jobbed until served: if this thread gets stuck, the next leader sees it)
             todo: Dict[Work, Optional[List[Any]]] = {w: None for w in self._jobbed if w.owner is None}
         self._now = time.monotonic()
-        for session in [s for s in self._awake if s.has_data()]:  # one look per awake ring
+        for session in self._ready_rings():
             work = session.work
             if work not in todo:
                 todo[work] = [session]
@@ -340,11 +340,18 @@ class Writers:
             work.owner = me
             self._jobbed.pop(work, None)  # its jobs are served now (one that comes meanwhile puts it back)
             ops[me] = (work, time.monotonic())
-            n = self._serve(work, ready)
-            while self._leader is not me and (work.jobs or self._has_data(work)):
-                n += self._serve(work, None)  # stuck and replaced: this thread keeps its file while it has work
-            del ops[me]
-            work.owner = None
+            try:
+                if ready is not None:  # (listed before this thread owned the file: some may be gone since)
+                    ready = [s for s in ready if s.ring_state == AWAKE]
+                n = self._serve(work, ready)
+                while self._leader is not me and (work.jobs or self._has_data(work)):
+                    n += self._serve(work, None)  # stuck and replaced: this thread keeps its file while it has work
+            except Exception as exc:  # a mistake of ours must not end the writing of every file
+                self._warn(f"Internal error writing {work.file.path}: {exc!r}")
+                n = -1
+            finally:
+                del ops[me]
+                work.owner = None
             if n >= 0:
                 moved += n
                 appends += n > 0
@@ -355,10 +362,18 @@ class Writers:
                     self._jobbed[work] = None  # a job that came as its serve ended: for the next pass
                     self._wake_leader()
         now = time.monotonic()
-        if now >= self._next_sleep_check:
+        if now >= self._next_sleep_check and self._leader is me:  # (a replaced thread's view is stale)
             self._next_sleep_check = now + SLEEP_AFTER / 5
             self._put_idle_rings_to_sleep(now)
         return moved, appends, found
+
+    def _ready_rings(self) -> List[Any]:
+        """The awake rings with new bytes: one look at each."""
+        awake = list(self._awake)
+        try:
+            return [s for s in awake if s.has_data()]
+        except ValueError:  # a ring let go and closed since the list was taken: look one by one
+            return [s for s in awake if s.ring_state == AWAKE and _polled(s)]
 
     def _has_data(self, work: Work) -> bool:
         return any(s.has_data() for s in work.rings)
@@ -373,6 +388,8 @@ class Writers:
         """Run ``work``'s jobs and drain its awake rings (only ``ready``, those with new
         bytes, if given and there is no job): bytes moved, -1 if nothing was there."""
         if ready is not None and not work.jobs:
+            if not ready:
+                return -1
             if len(ready) == 1:  # the common case, one client's new bytes: the lean path
                 moved = self._drain_one(work, ready[0])
                 if moved >= 0:
@@ -554,3 +571,10 @@ class Writers:
                     if session.ring_state == ASLEEP:
                         self._wake_ring(session)
                         session.ring_seen = now + LINGER  # cannot sleep: polled, at POLL_MAX, for a while
+
+
+def _polled(session: Any) -> bool:
+    try:
+        return session.has_data()
+    except ValueError:  # its ring is closed: it is gone
+        return False
