@@ -271,7 +271,7 @@ class FramedSocket(_SocketPath):
         except IndexError:
             return self._write_slow(data)
         try:
-            if type(data) is bytes and not self._slow and len(data) <= QUICK_MAX:
+            if type(data) is bytes and not self._slow and 0 < len(data) <= QUICK_MAX:  # (b"": nothing to send)
                 message = _DATA_HEADER(len(data)) + data
                 self._in_send = True
                 self._unconfirmed.append(data)
