@@ -20,7 +20,9 @@
  * make it write outside the mapping. It never blocks, never makes a system
  * call, and posts nothing: it says what the caller must do next
  * (``OFFLOG_PUT_POST``: post the doorbell; ``OFFLOG_PUT_FAILED``: the consumer
- * flagged an error, read ERRNO).
+ * flagged an error, read ERRNO). ``offlog_ring_publish`` is its second half
+ * alone, for a slow path that copied a write in itself (in two pieces, where it
+ * wraps past the end of the data area: the C client of c/offlog.c).
  *
  * Memory ordering
  * ---------------
@@ -114,6 +116,21 @@ enum offlog_put {
     OFFLOG_PUT_FAILED = 2,   /* published; STATE = FAILED: the consumer flagged an error (ERRNO) */
 };
 
+/* Publish ``head`` (the bytes before it are copied in) with one release store of HEAD,
+ * then load STATE: what the caller does next. */
+static inline enum offlog_put offlog_ring_publish(struct offlog_ring_header *header, uint64_t head)
+{
+    atomic_store_explicit(&header->head, head, memory_order_release);
+    switch (atomic_load_explicit(&header->state, memory_order_acquire)) {
+    case OFFLOG_SLEEPING:
+        return OFFLOG_PUT_POST;
+    case OFFLOG_FAILED:
+        return OFFLOG_PUT_FAILED;
+    default:
+        return OFFLOG_PUT_DONE;
+    }
+}
+
 /* Copy the ``n`` bytes at ``src`` to position ``head`` of the ring whose header is ``header``
  * and whose data area is ``data`` (``capacity`` bytes, a power of two), and publish
  * ``head + n``, if they end at or before ``limit`` and before the end of the data area. */
@@ -125,15 +142,7 @@ static inline enum offlog_put offlog_ring_put(struct offlog_ring_header *header,
     if (limit < head || n > limit - head || n > capacity - start)
         return OFFLOG_PUT_NO_ROOM;
     memcpy(data + start, src, n);
-    atomic_store_explicit(&header->head, head + n, memory_order_release);
-    switch (atomic_load_explicit(&header->state, memory_order_acquire)) {
-    case OFFLOG_SLEEPING:
-        return OFFLOG_PUT_POST;
-    case OFFLOG_FAILED:
-        return OFFLOG_PUT_FAILED;
-    default:
-        return OFFLOG_PUT_DONE;
-    }
+    return offlog_ring_publish(header, head + n);
 }
 
 #endif /* OFFLOG_RING_CORE_H */
