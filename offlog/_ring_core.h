@@ -1,4 +1,4 @@
-/* The ring's producer hot path in plain C: no Python API, so a C client can share it.
+/* The ring's hot paths in plain C, producer and consumer: no Python API, so a C client can share it.
  *
  * Theory of operation
  * -------------------
@@ -24,6 +24,15 @@
  * alone, for a slow path that copied a write in itself (in two pieces, where it
  * wraps past the end of the data area: the C client of c/offlog.c).
  *
+ * The consumer's side is ``offlog_ring_available`` (HEAD, loaded with acquire
+ * and checked against the consumer's own ``tail`` and the header's identity
+ * words exactly as offlog/shm/ring.py's ``Consumer.available`` checks them: the
+ * header is hostile input), ``offlog_ring_pieces`` (``[tail, HEAD)`` as one or
+ * two spans of the data area, two when they pass its end) and
+ * ``offlog_ring_release`` (TAIL, stored with release once those bytes are
+ * written). The caller writes the spans in between (offlog/_speedups.c: one
+ * ``writev``); the core makes no system call on either side.
+ *
  * Memory ordering
  * ---------------
  * * The copy, then HEAD with ``memory_order_release``: no store of the copy can
@@ -41,6 +50,18 @@
  *   later, and a store buffer drains long before that (the doorbell section
  *   of offlog/shm/ring.py's header; docs/protocol.md 7.7). So no fence is
  *   paid here.
+ * * HEAD with ``memory_order_acquire`` in the consumer, before it reads a byte:
+ *   it pairs with the producer's release store, so every byte before that HEAD
+ *   is visible to it (``ldar`` on aarch64). The bytes are read after the load
+ *   in program order, by the caller or by the kernel inside its ``writev``.
+ * * TAIL with ``memory_order_release``, after the bytes were written (the
+ *   ``writev`` returned): no read of them is ordered after the store, so a
+ *   producer that loads this TAIL (with acquire) never overwrites bytes that
+ *   are still being read.
+ * These hold on any machine with C11 atomics. The Python paths of
+ * offlog/shm/ring.py order their own header accesses (a fence from
+ * offlog._speedups where the machine needs one), so rings are offered on
+ * x86-64 and, with this core, on aarch64 (offlog.shm.objects.unsupported_reason).
  *
  * Layout
  * ------
@@ -56,6 +77,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 /* offlog/shm/layout.py: identity, word indices (8-byte words), byte offsets, STATE values. */
 #define OFFLOG_MAGIC 0x3252474f4c46464fULL /* "OFFLOGR2" little-endian */
@@ -143,6 +165,55 @@ static inline enum offlog_put offlog_ring_put(struct offlog_ring_header *header,
         return OFFLOG_PUT_NO_ROOM;
     memcpy(data + start, src, n);
     return offlog_ring_publish(header, head + n);
+}
+
+/* What offlog_ring_available found; all but OFFLOG_AVAILABLE say the ring is corrupt. */
+enum offlog_available {
+    OFFLOG_AVAILABLE = 0,   /* HEAD within [tail, tail + capacity], the identity words intact */
+    OFFLOG_BAD_HEAD = 1,    /* HEAD outside [tail, tail + capacity] */
+    OFFLOG_BAD_MAGIC = 2,   /* MAGIC or CAPACITY overwritten */
+    OFFLOG_BAD_VERSION = 3, /* VERSION or DATA_OFFSET overwritten */
+};
+
+/* Load HEAD (acquire) into ``*head`` and check it and the identity words, for a consumer
+ * whose own position is ``tail`` in a ring of ``capacity`` bytes. */
+static inline enum offlog_available offlog_ring_available(struct offlog_ring_header *header, uint64_t capacity,
+                                                          uint64_t tail, uint64_t *head)
+{
+    *head = atomic_load_explicit(&header->head, memory_order_acquire);
+    if (*head < tail || *head - tail > capacity)
+        return OFFLOG_BAD_HEAD;
+    if (atomic_load_explicit(&header->magic, memory_order_relaxed) != OFFLOG_MAGIC
+        || atomic_load_explicit(&header->capacity, memory_order_relaxed) != capacity)
+        return OFFLOG_BAD_MAGIC;
+    if (atomic_load_explicit(&header->version, memory_order_relaxed) != OFFLOG_VERSION
+        || atomic_load_explicit(&header->data_offset, memory_order_relaxed) != OFFLOG_DATA_OFFSET)
+        return OFFLOG_BAD_VERSION;
+    return OFFLOG_AVAILABLE;
+}
+
+/* The bytes in [tail, head) of the data area ``data`` (``capacity`` bytes, a power of two;
+ * ``head - tail`` at most ``capacity``, as offlog_ring_available checks) as spans in
+ * ``span``; returns how many: 0, 1, or 2 when they pass the end of the data area. */
+static inline int offlog_ring_pieces(unsigned char *data, uint64_t capacity, uint64_t tail, uint64_t head,
+                                     struct iovec span[2])
+{
+    uint64_t start = tail & (capacity - 1), n = head - tail;
+    if (n == 0)
+        return 0;
+    span[0].iov_base = data + start;
+    span[0].iov_len = n < capacity - start ? n : capacity - start;
+    if (span[0].iov_len == n)
+        return 1;
+    span[1].iov_base = data;
+    span[1].iov_len = n - span[0].iov_len;
+    return 2;
+}
+
+/* Everything before ``position`` is written: hand the space back (TAIL, release). */
+static inline void offlog_ring_release(struct offlog_ring_header *header, uint64_t position)
+{
+    atomic_store_explicit(&header->tail, position, memory_order_release);
 }
 
 #endif /* OFFLOG_RING_CORE_H */

@@ -1,4 +1,4 @@
-/* offlog._speedups: Producer.write of offlog/shm/ring.py in C, over the ring core of _ring_core.h.
+/* offlog._speedups: Producer.write and Consumer.drain of offlog/shm/ring.py in C, over _ring_core.h.
  *
  * Theory of operation
  * -------------------
@@ -44,8 +44,32 @@
  * and nobody takes the token for leaked. A KeyboardInterrupt lands after the
  * call, never between the copy and the publish.
  *
+ * Consumer.drain(fd), the server's hot path, the same way: ``consumer_drain(Consumer,
+ * RingCorrupt)`` makes its method descriptor over ``Consumer.__slots__``
+ * (``_words``, ``_data``, ``_capacity``, ``_tail``). A call does what the
+ * Python ``drain`` does, in the same order:
+ *
+ * 1. HEAD, loaded with acquire and checked as ``Consumer.available`` checks it
+ *    (``offlog_ring_available``); a bad one raises RingCorrupt with the same
+ *    text, having written nothing.
+ * 2. ``[_tail, HEAD)`` as one or two iovecs, written with ``writev`` with the
+ *    GIL released (the buffers of both views held meanwhile, so nobody can
+ *    release the mapping under it), a partial write finished in order, EINTR
+ *    retried after the signal check (as ``os.writev``). An error raises
+ *    OSError with its errno (``PyErr_SetFromErrno``, as ``os.writev``) and
+ *    ``characters_written`` set to the bytes of this drain already in the
+ *    file, for the caller to cut off (``OpenFile.append_ring``); TAIL and
+ *    ``_tail`` are left as they were.
+ * 3. TAIL, stored with release (``offlog_ring_release``), and ``_tail``.
+ *
+ * ``fence()`` is the acquire-release fence that the Python paths of
+ * offlog/shm/ring.py put between their plain header loads and stores where a
+ * weakly ordered machine needs one (a compiler barrier alone on x86-64).
+ *
  * Memory ordering: _ring_core.h (release store of HEAD after the copy, acquire
- * load of STATE; the consumer's SETTLE re-read closes the store->load window).
+ * load of STATE; acquire load of HEAD before the bytes are read, release store
+ * of TAIL after they are written; the consumer's SETTLE re-read closes the
+ * store->load window).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,28 +79,40 @@
 #define Py_T_OBJECT_EX T_OBJECT_EX
 #endif
 
+#include <errno.h>
+
 #include "_ring_core.h"
 
-static PyObject *str_write_slow, *str_wake_or_fail, *str_resync;
+static PyObject *str_write_slow, *str_wake_or_fail, *str_resync, *str_characters_written;
+static PyObject *ring_corrupt; /* offlog.shm.ring.RingCorrupt, given to consumer_drain() */
 static PyObject *deque_pop, *deque_append; /* collections.deque's methods: the token's two C calls */
 
-/* Producer.__slots__, the hot path's attributes: their names and offsets in an instance. */
-enum { TOKEN, HEAD, LIMIT, DATA, WORDS, SLOTS };
-static const char *slot_names[SLOTS] = {"_token", "_head", "_limit", "_data", "_words"};
-static Py_ssize_t slot_offsets[SLOTS];
+/* A class's hot-path attributes (its ``__slots__``): their names and offsets in an instance. */
+#define MOST_SLOTS 5
+struct slots {
+    const char *maker; /* the function that makes the method, for its errors */
+    int count;
+    const char *names[MOST_SLOTS];
+    Py_ssize_t offsets[MOST_SLOTS];
+};
 
-static PyObject **slot(PyObject *self, int which)
+enum { TOKEN, HEAD, LIMIT, DATA, WORDS };
+static struct slots producer_slots = {"producer_write()", 5, {"_token", "_head", "_limit", "_data", "_words"}, {0}};
+enum { CONSUMER_WORDS, CONSUMER_DATA, CONSUMER_CAPACITY, CONSUMER_TAIL };
+static struct slots consumer_slots = {"consumer_drain()", 4, {"_words", "_data", "_capacity", "_tail"}, {0}};
+
+static PyObject **slot(PyObject *self, const struct slots *slots, int which)
 {
-    return (PyObject **)((char *)self + slot_offsets[which]);
+    return (PyObject **)((char *)self + slots->offsets[which]);
 }
 
 /* A slot's value (borrowed), or NULL with the AttributeError of an unset one. */
-static PyObject *slot_value(PyObject *self, int which)
+static PyObject *slot_value(PyObject *self, const struct slots *slots, int which)
 {
-    PyObject *value = *slot(self, which);
+    PyObject *value = *slot(self, slots, which);
     if (value == NULL)
         PyErr_Format(PyExc_AttributeError, "'%.100s' object has no attribute '%s'", Py_TYPE(self)->tp_name,
-                     slot_names[which]);
+                     slots->names[which]);
     return value;
 }
 
@@ -207,7 +243,8 @@ static int put(PyObject *self, PyObject *data, enum offlog_put *outcome)
     if (result <= 0)
         goto done;
     result = -1;
-    if ((head_obj = slot_value(self, HEAD)) == NULL || (limit_obj = slot_value(self, LIMIT)) == NULL)
+    if ((head_obj = slot_value(self, &producer_slots, HEAD)) == NULL
+        || (limit_obj = slot_value(self, &producer_slots, LIMIT)) == NULL)
         goto done;
     if ((head = PyLong_AsUnsignedLongLong(head_obj)) == (unsigned long long)-1 && PyErr_Occurred())
         goto done;
@@ -216,8 +253,8 @@ static int put(PyObject *self, PyObject *data, enum offlog_put *outcome)
     result = 0;
     if (limit < 0 || (uint64_t)limit < head || (uint64_t)source.len > (uint64_t)limit - head)
         goto done; /* end > _limit */
-    area = writable_view(*slot(self, DATA));
-    header = writable_view(*slot(self, WORDS));
+    area = writable_view(*slot(self, &producer_slots, DATA));
+    header = writable_view(*slot(self, &producer_slots, WORDS));
     if (area == NULL || header == NULL || area->len <= 0 || (area->len & (area->len - 1))
         || header->len < (Py_ssize_t)sizeof(struct offlog_ring_header) || (uintptr_t)header->buf % 8)
         goto done;
@@ -231,7 +268,7 @@ static int put(PyObject *self, PyObject *data, enum offlog_put *outcome)
         Py_DECREF(end);
         goto done;
     }
-    Py_SETREF(*slot(self, HEAD), end);
+    Py_SETREF(*slot(self, &producer_slots, HEAD), end);
     result = 1;
 done:
     source_close(&source);
@@ -281,7 +318,7 @@ static PyObject *finish_holding(PyObject *self, PyObject *token, int published)
 
 static PyObject *ring_write(PyObject *self, PyObject *data)
 {
-    PyObject *token = slot_value(self, TOKEN);
+    PyObject *token = slot_value(self, &producer_slots, TOKEN);
     if (token == NULL)
         return NULL;
     Py_ssize_t token_free = PyObject_Size(token);
@@ -307,11 +344,15 @@ static PyMethodDef write_def = {
 };
 
 /* The offsets of ``cls``'s hot-path slots, which must be object slots (``__slots__``). */
-static int find_slots(PyObject *cls)
+static int find_slots(PyObject *cls, struct slots *slots)
 {
-    Py_ssize_t offsets[SLOTS];
-    for (int which = 0; which < SLOTS; which++) {
-        PyObject *member = PyObject_GetAttrString(cls, slot_names[which]);
+    Py_ssize_t offsets[MOST_SLOTS] = {0};
+    if (!PyType_Check(cls)) {
+        PyErr_Format(PyExc_TypeError, "%s takes a class", slots->maker);
+        return -1;
+    }
+    for (int which = 0; which < slots->count; which++) {
+        PyObject *member = PyObject_GetAttrString(cls, slots->names[which]);
         if (member == NULL)
             return -1;
         int usable = Py_IS_TYPE(member, &PyMemberDescr_Type)
@@ -319,40 +360,183 @@ static int find_slots(PyObject *cls)
         offsets[which] = usable ? ((PyMemberDescrObject *)member)->d_member->offset : 0;
         Py_DECREF(member);
         if (!usable) {
-            PyErr_Format(PyExc_TypeError, "%s must be in %.100s.__slots__", slot_names[which],
+            PyErr_Format(PyExc_TypeError, "%s must be in %.100s.__slots__", slots->names[which],
                          ((PyTypeObject *)cls)->tp_name);
             return -1;
         }
-        if (slot_offsets[which] && slot_offsets[which] != offsets[which]) {
-            PyErr_SetString(PyExc_TypeError, "producer_write() serves one Producer class");
+        if (slots->offsets[which] && slots->offsets[which] != offsets[which]) {
+            PyErr_Format(PyExc_TypeError, "%s serves one class", slots->maker);
             return -1;
         }
     }
-    memcpy(slot_offsets, offsets, sizeof(offsets));
+    memcpy(slots->offsets, offsets, sizeof(offsets));
     return 0;
 }
 
 static PyObject *producer_write(PyObject *module, PyObject *cls)
 {
-    if (!PyType_Check(cls)) {
-        PyErr_SetString(PyExc_TypeError, "producer_write() takes the Producer class");
-        return NULL;
-    }
-    if (find_slots(cls) < 0)
+    if (find_slots(cls, &producer_slots) < 0)
         return NULL;
     return PyDescr_NewMethod((PyTypeObject *)cls, &write_def);
+}
+
+/* -- Consumer.drain ---------------------------------------------------------------------------- */
+
+/* Write the ``count`` iovecs at ``span`` whole to ``fd`` (advancing them), the GIL released
+ * around each ``writev``; ``*written`` counts the bytes written. 0; -1 with ``errno`` set
+ * (no exception yet); -2 with the exception of a signal handler (EINTR, as os.writev). */
+static int write_whole(int fd, struct iovec *span, int count, uint64_t *written)
+{
+    while (count > 0) {
+        ssize_t n;
+        int error;
+        Py_BEGIN_ALLOW_THREADS
+        n = writev(fd, span, count);
+        error = errno;
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (error != EINTR) {
+                errno = error;
+                return -1;
+            }
+            if (PyErr_CheckSignals() < 0)
+                return -2;
+            continue;
+        }
+        *written += (uint64_t)n;
+        for (; count > 0 && (size_t)n >= span->iov_len; span++, count--)
+            n -= (ssize_t)span->iov_len;
+        if (count > 0) {
+            span->iov_base = (char *)span->iov_base + n;
+            span->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+/* Raise OSError for ``errno`` (the subclass os.writev raises) with ``characters_written``. */
+static void raise_write_error(uint64_t written)
+{
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *exception = take_exception();
+    PyObject *count = PyLong_FromUnsignedLongLong(written);
+    if (count == NULL || PyObject_SetAttr(exception, str_characters_written, count) < 0)
+        exception = raised_during(exception);
+    Py_XDECREF(count);
+    raise_exception(exception);
+}
+
+/* Raise RingCorrupt for what offlog_ring_available found, in Consumer.available's words. */
+static void raise_corrupt(enum offlog_available found, uint64_t head, uint64_t tail, uint64_t capacity)
+{
+    if (found == OFFLOG_BAD_HEAD)
+        PyErr_Format(ring_corrupt, "producer position %llu outside [%llu, %llu]", (unsigned long long)head,
+                     (unsigned long long)tail, (unsigned long long)(tail + capacity));
+    else if (found == OFFLOG_BAD_MAGIC)
+        PyErr_SetString(ring_corrupt, "ring header identity (magic or capacity) was overwritten");
+    else
+        PyErr_SetString(ring_corrupt, "ring header identity (version or data offset) was overwritten");
+}
+
+/* A slot's memoryview as a buffer held until PyBuffer_Release: 0, or -1 with the exception
+ * that the Python drain's use of it would raise (a released view). */
+static int hold_view(PyObject *self, int which, Py_buffer *buffer)
+{
+    PyObject *view = slot_value(self, &consumer_slots, which);
+    return view == NULL ? -1 : PyObject_GetBuffer(view, buffer, PyBUF_WRITABLE);
+}
+
+static PyObject *ring_drain(PyObject *self, PyObject *fd_obj)
+{
+    Py_buffer header, area;
+    PyObject *tail_obj, *capacity_obj, *result = NULL;
+    unsigned long long tail, capacity;
+    uint64_t head, written = 0;
+    struct iovec span[2];
+    int fd = PyObject_AsFileDescriptor(fd_obj);
+    if (fd < 0)
+        return NULL;
+    if ((tail_obj = slot_value(self, &consumer_slots, CONSUMER_TAIL)) == NULL
+        || (capacity_obj = slot_value(self, &consumer_slots, CONSUMER_CAPACITY)) == NULL)
+        return NULL;
+    if ((tail = PyLong_AsUnsignedLongLong(tail_obj)) == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if ((capacity = PyLong_AsUnsignedLongLong(capacity_obj)) == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (hold_view(self, CONSUMER_WORDS, &header) < 0)
+        return NULL;
+    if (hold_view(self, CONSUMER_DATA, &area) < 0) {
+        PyBuffer_Release(&header);
+        return NULL;
+    }
+    if (capacity == 0 || (capacity & (capacity - 1)) || (unsigned long long)area.len != capacity
+        || header.len < (Py_ssize_t)sizeof(struct offlog_ring_header) || (uintptr_t)header.buf % 8) {
+        PyErr_SetString(PyExc_ValueError, "the consumer's views do not describe a ring");
+        goto done;
+    }
+    enum offlog_available found = offlog_ring_available(header.buf, capacity, tail, &head);
+    if (found != OFFLOG_AVAILABLE) {
+        raise_corrupt(found, head, tail, capacity);
+        goto done;
+    }
+    int status = write_whole(fd, span, offlog_ring_pieces(area.buf, capacity, tail, head, span), &written);
+    if (status < 0) {
+        if (status == -1)
+            raise_write_error(written);
+        goto done;
+    }
+    PyObject *position = PyLong_FromUnsignedLongLong(head);
+    if (position == NULL)
+        goto done;
+    offlog_ring_release(header.buf, head);
+    Py_SETREF(*slot(self, &consumer_slots, CONSUMER_TAIL), position);
+    result = PyLong_FromUnsignedLongLong(head - tail);
+done:
+    PyBuffer_Release(&area);
+    PyBuffer_Release(&header);
+    return result;
+}
+
+static PyMethodDef drain_def = {
+    "drain",
+    (PyCFunction)ring_drain,
+    METH_O,
+    "drain(fd): the server's hot path in C (offlog/_speedups.c); offlog.shm.ring.python_drain is the reference.",
+};
+
+static PyObject *consumer_drain(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "consumer_drain() takes the Consumer class and RingCorrupt");
+        return NULL;
+    }
+    if (find_slots(args[0], &consumer_slots) < 0)
+        return NULL;
+    Py_INCREF(args[1]);
+    Py_XSETREF(ring_corrupt, args[1]);
+    return PyDescr_NewMethod((PyTypeObject *)args[0], &drain_def);
+}
+
+static PyObject *fence(PyObject *module, PyObject *unused)
+{
+    atomic_thread_fence(memory_order_acq_rel);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
     {"producer_write", producer_write, METH_O,
      "producer_write(Producer): the C write, a method descriptor for the class Producer."},
+    {"consumer_drain", (PyCFunction)(void (*)(void))consumer_drain, METH_FASTCALL,
+     "consumer_drain(Consumer, RingCorrupt): the C drain, a method descriptor for the class Consumer."},
+    {"fence", fence, METH_NOARGS,
+     "fence(): an acquire-release fence, for the Python paths' plain header loads and stores."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     "offlog._speedups",
-    "The ring producer's hot path in C; offlog/shm/ring.py is the reference and the fallback.",
+    "The ring's hot paths in C; offlog/shm/ring.py is the reference and the fallback.",
     -1,
     module_methods,
 };
@@ -418,7 +602,8 @@ PyMODINIT_FUNC PyInit__speedups(void)
     str_write_slow = PyUnicode_InternFromString("_write_slow");
     str_wake_or_fail = PyUnicode_InternFromString("_wake_or_fail");
     str_resync = PyUnicode_InternFromString("_resync");
-    if (str_write_slow == NULL || str_wake_or_fail == NULL || str_resync == NULL)
+    str_characters_written = PyUnicode_InternFromString("characters_written");
+    if (str_write_slow == NULL || str_wake_or_fail == NULL || str_resync == NULL || str_characters_written == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (module != NULL && add_layout(module) < 0)

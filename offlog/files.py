@@ -4,14 +4,18 @@ Theory of operation
 -------------------
 Each path the server holds open is one :class:`OpenFile`, shared by every
 client that asked for that path (a reference count closes it with the last
-one). Appends go through :meth:`OpenFile.append`: the file is opened with
-``O_APPEND`` and each call is one ``writev`` under the file's lock, so one
-client's batch never interleaves with another client's bytes, and a partial
-write (a pipe, a FIFO) is finished before anyone else may write. An append
-that fails part way (``ENOSPC``, ``EFBIG``, ``EIO`` after a short write) is
-cut off again: the file is truncated back to where the append began, under
-the same lock, so a regular file never holds part of a batch. Every error an
-append raises names the path.
+one). Appends go through :meth:`OpenFile.append` (parts) or
+:meth:`OpenFile.append_ring` (the bytes published in a ring, drained by
+:meth:`offlog.shm.ring.Consumer.drain`, in C where offlog._speedups is
+built): the file is opened with ``O_APPEND`` and each call is one ``writev``
+(:func:`offlog.writev.write_whole`) under the file's lock, so one client's
+batch never interleaves with another client's bytes, and a partial write (a
+pipe, a FIFO) is finished before anyone else may write. An append that fails
+part way (``ENOSPC``, ``EFBIG``, ``EIO`` after a short write) is cut off
+again: the file is truncated back to where the append began, under the same
+lock, so a regular file never holds part of a batch (a ring's bytes stay in
+the ring then). Both kinds of append share those steps
+(:meth:`OpenFile._append`). Every error an append raises names the path.
 
 The lock is per file, never global: a file whose writes block (a FIFO nobody
 reads, a hung NFS mount) blocks only the threads writing to that file. The
@@ -86,7 +90,7 @@ import stat
 import sys
 import threading
 import time
-from typing import AbstractSet, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .backlog import Buffer
 from .inotify import (
@@ -103,6 +107,10 @@ from .inotify import (
     Inotify,
     open_inotify,
 )
+from .writev import write_whole
+
+if TYPE_CHECKING:
+    from .shm.ring import Consumer
 
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 #: Seconds between full rotation checks without inotify (or for a directory it cannot watch).
@@ -114,8 +122,6 @@ SAFETY_NET_CHECK = 2.0
 CREATE_GRACE = 0.5
 #: Seconds :meth:`FileTable.reopen_all` waits for a file that is busy writing.
 REOPEN_WAIT = 5.0
-#: Most iovecs one writev takes (IOV_MAX on Linux is 1024).
-IOV_MAX = 1024
 #: What the rotation watcher asks inotify about an open file's directory.
 DIRECTORY_EVENTS = (
     IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE | IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
@@ -293,13 +299,27 @@ class OpenFile:
 
     def append(self, parts: Sequence[Buffer]) -> int:
         """Write ``parts`` back to back as one append, all or nothing; return bytes written."""
+        return self._append(lambda fd: write_whole(fd, parts))
+
+    def append_ring(self, consumer: Consumer) -> int:
+        """Write every byte published in ``consumer``'s ring as one append, all or nothing,
+        then hand the space back (:meth:`~offlog.shm.ring.Consumer.drain`: a bad HEAD raises
+        RingCorrupt with nothing written); return bytes written."""
+        return self._append(consumer.drain)
+
+    def _append(self, write: Callable[[int], int]) -> int:
+        """``write(fd)`` under the lock, as one append: an error names the path, and the
+        bytes it had written (its ``characters_written``) are cut off again."""
         with self.lock:
             try:
                 if self.gone is not None:
                     raise OSError(self.gone.errno, self.gone.strerror, self.path)
-                total = _append_whole(self.fd, parts)
+                total = write(self.fd)
             except OSError as exc:
                 self.errors += 1
+                written = getattr(exc, "characters_written", 0)
+                if written:
+                    _cut_off(self.fd, written)
                 raise _naming(exc, self.path) from None
             self.bytes_written += total
             if self.reopen_pending is not None:
@@ -378,58 +398,6 @@ class OpenFile:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
-
-
-def _append_whole(fd: int, parts: Sequence[Buffer]) -> int:
-    """Append ``parts`` back to back: one ``writev`` per IOV_MAX parts.
-
-    ``parts`` are bytes or one-dimensional byte views (``len`` is their size),
-    so the common case does no per-part work in Python. A partial write (a
-    pipe, a FIFO, a disk filling up) is finished, in order, before anything
-    else; if finishing fails, the bytes of ``parts`` already in a regular
-    file are truncated away before the error is raised.
-    """
-    if len(parts) <= IOV_MAX:  # the common case: one writev, all of it
-        want = sum(map(len, parts))
-        written = os.writev(fd, parts)
-        if written == want:
-            return written
-        parts = _after(parts, written)
-        try:
-            return written + _append_whole(fd, parts)
-        except OSError:
-            if written:
-                _cut_off(fd, written)
-            raise
-    total = 0  # bytes of ``parts`` in the file so far
-    try:
-        for start in range(0, len(parts), IOV_MAX):
-            chunk = parts[start : start + IOV_MAX]
-            want = sum(map(len, chunk))
-            written = os.writev(fd, chunk)
-            total += written
-            while written < want:
-                more = os.writev(fd, _after(chunk, written))
-                written += more
-                total += more
-    except OSError:
-        if total:
-            _cut_off(fd, total)
-        raise
-    return total
-
-
-def _after(chunk: Sequence[Buffer], skip: int) -> List[memoryview]:
-    """The views of ``chunk`` after its first ``skip`` bytes."""
-    views: List[memoryview] = []
-    for part in chunk:
-        view = memoryview(part).cast("B")
-        if skip >= view.nbytes:
-            skip -= view.nbytes
-            continue
-        views.append(view[skip:])
-        skip = 0
-    return views
 
 
 def _cut_off(fd: int, count: int) -> None:

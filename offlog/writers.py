@@ -483,7 +483,7 @@ class Writers:
         """One awake ring's new bytes into its file; -1 to take the general path (a
         corrupt header, a failed append: :meth:`_drain` reports them)."""
         try:
-            moved = session.ring.consumer.drain(work.file.append)
+            moved = work.file.append_ring(session.ring.consumer)
         except (RingCorrupt, OSError):
             return -1  # a failed append was cut off whole: the general path tries it again and reports
         session.written += moved

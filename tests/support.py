@@ -19,9 +19,18 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional
 
+import pytest
+
+from offlog.shm.doorbells import waitv_available
+
 REPO = Path(__file__).resolve().parent.parent
 PEERS_DIR = REPO / ".peers"
 PEER_VERSIONS = ("0.1.0", "0.3.1")
+
+#: For a test that watches rings fall asleep: without futex_waitv the server keeps them awake.
+needs_sleeping_rings = pytest.mark.skipif(
+    not waitv_available(), reason="rings sleep only where the kernel has futex_waitv (Linux 5.16; qemu-user has not)"
+)
 
 
 def child_env(pythonpath: Optional[str] = None, **extra: str) -> dict:

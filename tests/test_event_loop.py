@@ -8,7 +8,7 @@ import socket
 import threading
 from pathlib import Path
 
-from support import wait_for
+from support import needs_sleeping_rings, wait_for
 
 import offlog
 from offlog import protocol as P
@@ -56,6 +56,7 @@ class RawClient:
         self.sock.close()
 
 
+@needs_sleeping_rings
 def test_idle_ring_clients_cost_no_thread_each_and_their_rings_sleep(start_server, workdir):
     """300 ring clients that wrote once and went quiet: their rings sleep (the doorbell
     waiters hold them, 127 to a thread), the server has a handful of threads, not 300,
@@ -84,6 +85,7 @@ def test_idle_ring_clients_cost_no_thread_each_and_their_rings_sleep(start_serve
         assert (workdir / f"idle{i}.log").read_bytes() == b"first %d\nsecond %d\n" % (i, i)
 
 
+@needs_sleeping_rings
 def test_a_client_spamming_its_doorbell_wakes_the_server_about_once_per_sleep(start_server, workdir):
     """A ring client posting its doorbell 300,000 times (the semaphore is in its own
     memory) wakes the server once for the sleeping ring; while the ring is awake its

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import gc
 import os
+import platform
 import random
 import re
 import signal
@@ -26,6 +27,7 @@ from support import (
     child_env,
     client_script,
     dev_shm_in_use,
+    needs_sleeping_rings,
     open_fds,
     ring_mappings,
     shm_objects,
@@ -584,7 +586,7 @@ def test_a_client_that_scribbles_over_its_header_is_cut_off_alone(shm_server, wo
 
 
 # -- signals --------------------------------------------------------------------------------------
-SYS_TGKILL = 234  # x86-64, the only machine that is offered rings
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}.get(platform.machine())  # the machines offered rings
 
 
 def signal_every_thread(pid: int, signum: int) -> None:
@@ -595,6 +597,7 @@ def signal_every_thread(pid: int, signum: int) -> None:
             raise OSError(ctypes.get_errno(), f"tgkill of thread {tid} of {pid} failed")
 
 
+@needs_sleeping_rings
 def test_a_signal_on_a_sleeping_ring_session_only_wakes_it(shm_server, workdir):
     """SIGHUP to every server thread while the ring session sleeps on its doorbell
     (its futex wait ends with EINTR): the session sleeps again and loses nothing."""

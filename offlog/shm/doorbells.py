@@ -52,7 +52,7 @@ import threading
 import time
 from typing import Callable, Dict, List
 
-from .objects import ServerRing
+from .objects import SYS_FUTEX, SYS_FUTEX_WAITV, ServerRing
 from .ring import SETTLE
 
 #: Rings one waiter thread watches (futex_waitv takes 128 futexes; one is its control word).
@@ -60,7 +60,6 @@ GROUP = 127
 #: Seconds between a waiter's checks of every ring it watches, posted or not.
 IDLE_CHECK = 5.0
 
-SYS_FUTEX_WAITV = 449  # x86-64 (and the generic table, aarch64)
 FUTEX_32 = 2
 FUTEX_PRIVATE_FLAG = 128
 CLOCK_MONOTONIC = 1
@@ -212,7 +211,7 @@ class _Waiter:
 
     def _bump(self) -> None:
         self._control.value = (self._control.value + 1) & 0xFFFFFFFF
-        _calls().wake(202, ctypes.addressof(self._control), 1 | FUTEX_PRIVATE_FLAG, 1)  # FUTEX_WAKE_PRIVATE
+        _calls().wake(SYS_FUTEX, ctypes.addressof(self._control), 1 | FUTEX_PRIVATE_FLAG, 1)  # FUTEX_WAKE_PRIVATE
 
     def _run(self) -> None:
         calls = _calls()

@@ -70,8 +70,9 @@ DATA_OFFSET = HEADER_SIZE
 #: The doorbell: a POSIX semaphore on a 64-byte cache line of its own.
 DOORBELL_OFFSET = 192
 DOORBELL_SIZE = 64
-#: sizeof(sem_t) in the x86-64 ABI of glibc (the only C library rings are offered with,
-#: see offlog.shm.objects.unsupported_reason); musl's is 32 bytes too. The line leaves room.
+#: sizeof(sem_t) in glibc's x86-64 and aarch64 ABIs (the only C library and machines rings
+#: are offered with, see offlog.shm.objects.unsupported_reason); musl's is 32 bytes too. The
+#: line leaves room.
 SEM_SIZE = 32
 # Word indices into memoryview.cast("I") of the doorbell line (glibc's sem_t: one 64-bit
 # word whose low half is the value and whose high half counts the waiters).

@@ -63,6 +63,7 @@ import platform
 import sys
 from typing import Any, Optional, Tuple
 
+from .. import __with_speedups__
 from . import layout
 from .ring import Consumer, Producer
 
@@ -85,7 +86,11 @@ F_SEAL_GROW = getattr(fcntl, "F_SEAL_GROW", 0x4)
 SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
 
 MAP_FAILED = (1 << 64) - 1  # (void *) -1
-SYS_FUTEX = 202  # x86-64, the only machine rings are offered on
+#: The machines rings are offered on (``platform.machine()``), and the numbers of their
+#: futex system calls there: (futex, futex_waitv). The ring needs the C core's ordering on
+#: every one but x86-64 (TSO), see offlog.shm.ring.
+FUTEX_CALLS = {"x86_64": (202, 449), "aarch64": (98, 449)}
+SYS_FUTEX, SYS_FUTEX_WAITV = FUTEX_CALLS.get(platform.machine().lower(), (-1, -1))  # -1: ENOSYS (no rings there)
 FUTEX_WAIT = 0  # both without FUTEX_PRIVATE_FLAG: the futex is shared between processes
 FUTEX_WAKE = 1
 SEM_VALUE_MAX = 0x7FFFFFFF
@@ -95,12 +100,21 @@ class UnsafeRing(ValueError):
     """Offered ring memory that the client must not map (not sealed, or not the size offered)."""
 
 
-def unsupported_reason() -> Optional[str]:
-    """Why this process cannot use a ring, or None if it can."""
+def unsupported_reason(speedups: bool = __with_speedups__) -> Optional[str]:
+    """Why this process cannot use a ring, or None if it can; ``speedups``: whether it
+    runs the ring's C core (offlog._speedups), as the server and the client both ask."""
     if not sys.platform.startswith("linux"):
         return f"rings are supported on Linux only, not {sys.platform}"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the ring's ordering argument needs x86-64 (TSO, atomic 8-byte access), not {platform.machine()}"
+    machine = platform.machine().lower()
+    if machine not in FUTEX_CALLS:
+        return f"rings are offered on x86-64 and aarch64 only, not {platform.machine()}"
+    if sys.maxsize < 2**63 - 1:
+        return f"rings need a 64-bit Python (this one is 32-bit, on {platform.machine()})"
+    if machine != "x86_64" and not speedups:
+        return (
+            f"on {platform.machine()} the ring's ordering needs offlog's C core (offlog._speedups:"
+            " C11 release and acquire); pure Python's needs x86-64 (TSO)"
+        )
     if ctypes is None:
         return "ctypes is not available (the doorbell is a semaphore called through it)"
     if not hasattr(os, "memfd_create"):

@@ -6,7 +6,7 @@ The client process is the *producer*: ``Producer.write`` copies the caller's
 bytes into the data area at ``head`` and then publishes the new ``head``. The
 server is the *consumer*: it reads ``head``, writes every byte in
 ``[tail, head)`` to the file with one ``writev``, then publishes the new
-``tail``. Positions are monotonic 64-bit byte counters; the byte at position
+``tail`` (:meth:`Consumer.drain`). Positions are monotonic 64-bit byte counters; the byte at position
 ``p`` lives at ``p & (capacity - 1)``, and ``_pieces`` is the one place that
 turns a span of positions into views of the data area (two when it passes
 the end; only the hot path inlines its one-piece case). ``head`` only ever
@@ -17,18 +17,32 @@ the file.
 Layout and offsets come from :mod:`offlog.shm.layout`; this module draws none.
 
 Where ``offlog._speedups`` is built (and ``OFFLOG_PUREPYTHON`` is not set),
-``Producer.write`` is its C twin (``offlog/_speedups.c``, over the plain-C
-ring core ``offlog/_ring_core.h``): the same steps on the same attributes
-(those of the hot path are ``Producer.__slots__``) under the same token, at
-the cost of one C call. The Python ``write`` stays the reference that the C
-one follows step by step (``python_write``), and the fallback; every other
-method is Python in both. The C copy and publish are a ``memcpy`` and a C11
-release store of HEAD, its STATE load an acquire load: there the ordering
-argued below holds by the language, not by TSO.
+the two hot paths are C twins (``offlog/_speedups.c``, over the plain-C ring
+core ``offlog/_ring_core.h``): ``Producer.write`` and ``Consumer.drain``, the
+same steps on the same attributes (those of the hot paths are the classes'
+``__slots__``), at the cost of one C call. The Python methods stay the
+references that the C ones follow step by step (``python_write``,
+``python_drain``), and the fallback; every other method is Python in both.
 
 Memory ordering (why the consumer never reads a position before its bytes)
 --------------------------------------------------------------------------
-Python has no fences, so the argument rests on three facts:
+With ``offlog._speedups`` the hot paths order themselves by the language, on
+any machine: the producer's copy is a ``memcpy`` followed by a C11 release
+store of HEAD; the consumer loads HEAD with acquire before its ``writev``
+reads a byte, and stores TAIL with release after the ``writev`` returned
+(``offlog/_ring_core.h`` argues each). The Python paths around them (the
+producer's slow path publishing a backlog or a wrapped write, its TAIL
+refresh, the consumer's :meth:`~Consumer.available` and
+:meth:`~Consumer.release` for a pass that drains several rings into one
+append, ERRNO before FAILED) use plain loads and stores, and put
+``fence()`` (``offlog._speedups.fence``, a C11 acquire-release fence:
+``dmb ish`` on aarch64) where a weakly ordered machine could reorder them:
+before a store of HEAD or TAIL or STATE = FAILED, after a load of HEAD or
+TAIL or STATE = FAILED. With those, rings are offered on aarch64 too
+(:func:`offlog.shm.objects.unsupported_reason`), and only with the C core.
+
+Pure Python has no fences (``fence()`` does nothing then), so there the
+argument rests on three facts, and rings are offered on x86-64 only:
 
 1. Every shared position is read and written as one aligned 8-byte access
    through ``memoryview.cast("Q")`` (``struct.pack_into`` zero-fills first
@@ -45,8 +59,10 @@ Python has no fences, so the argument rests on three facts:
    overwriting space, never overwrites bytes the consumer has not yet finished
    with (the consumer publishes ``tail`` only after ``writev`` returned).
 
-Because fact 3 is specific to TSO machines, the server only offers a ring on
-x86 (see :func:`offlog.shm.objects.unsupported_reason`); elsewhere clients use the socket.
+Because fact 3 is specific to TSO machines, a ring without the C core is
+offered and used on x86-64 only; elsewhere clients use the socket. (The C
+core's release and acquire compile to plain stores and loads on x86-64, and
+its fence to nothing but a compiler barrier: TSO gives them for free.)
 
 The doorbell (why a wakeup is never lost for longer than a bounded wait)
 ----------------------------------------------------------------------
@@ -58,8 +74,9 @@ bytes flow) and the producer posts nothing: the hot path is one load of
 POSIX semaphore) after its next publish; :mod:`offlog.shm.doorbells` waits on
 the doorbells of all sleeping rings.
 
-Falling asleep is the "set my flag, then check yours" handshake that x86
-*can* break: the producer's ``head`` store may sit in its store buffer while
+Falling asleep is the "set my flag, then check yours" handshake that x86-64
+and aarch64 alike *can* break (release and acquire do not order a store before
+a later load): the producer's ``head`` store may sit in its store buffer while
 its ``STATE`` load already reads ``AWAKE``, and at the same moment the
 consumer's ``SLEEPING`` store may sit in its buffer while it re-reads the old
 ``head``. Both then skip: a missed wakeup. The consumer closes that window
@@ -90,11 +107,19 @@ from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from .. import __with_speedups__, token
 from ..backlog import Backlog, Buffer, Handover
+from ..writev import write_whole
 from . import layout
 from .layout import HEAD_WORD, STATE_WORD, TAIL_WORD
 
 #: Bounded wait that closes the store-buffer window of the sleep handshake.
 SETTLE = 0.001
+
+if __with_speedups__:
+    from .._speedups import fence
+else:
+
+    def fence() -> None:
+        """Pure Python runs rings on x86-64 only, whose TSO keeps these accesses in order."""
 
 
 class RingCorrupt(ValueError):
@@ -385,7 +410,9 @@ class Producer(token.Guarded):
         self._publish()
 
     def _publish(self) -> None:
-        """Slow path's publish (the hot path inlines the same single 8-byte store)."""
+        """Slow path's publish (the hot path inlines the same single 8-byte store; in C, a
+        release store): the copy is ordered before HEAD."""
+        fence()
         self._words[HEAD_WORD] = self._head
 
     def _resync(self) -> None:
@@ -398,6 +425,7 @@ class Producer(token.Guarded):
 
     def _refresh_tail(self) -> None:
         tail = self._words[TAIL_WORD]
+        fence()  # no copy into the space TAIL hands back before this load
         if not self._tail <= tail <= self._head:
             raise RingCorrupt(f"consumer position {tail} outside [{self._tail}, {self._head}]")
         self._tail = tail
@@ -417,6 +445,7 @@ class Producer(token.Guarded):
         if state == layout.SLEEPING:
             self._doorbell()
         elif state == layout.FAILED:
+            fence()  # the consumer's ERRNO, stored before FAILED
             self._on_failed(self._words[layout.ERRNO_WORD] or errno.EIO)
 
 
@@ -447,6 +476,9 @@ if __with_speedups__:
 class Consumer:
     """The server half. Never trusts the shared header."""
 
+    # The hot path's state: slots, which offlog/_speedups.c reads and writes at fixed offsets.
+    __slots__ = ("_words", "_data", "_capacity", "_tail")
+
     def __init__(self, mapping: Buffer, capacity: int) -> None:
         self._words, self._data = _words_and_data(mapping, capacity)
         layout.init_header(self._words, capacity)
@@ -461,6 +493,7 @@ class Consumer:
         """Published head, checked: raises RingCorrupt if the producer lied."""
         words = self._words
         head = words[HEAD_WORD]
+        fence()  # no byte before HEAD is read before this load
         if not self._tail <= head <= self._tail + self._capacity:
             raise RingCorrupt(f"producer position {head} outside [{self._tail}, {self._tail + self._capacity}]")
         if words[layout.MAGIC_WORD] != layout.MAGIC or words[layout.CAPACITY_WORD] != self._capacity:
@@ -480,18 +513,21 @@ class Consumer:
     def release(self, position: int) -> None:
         """Everything before ``position`` is written: hand the space back."""
         self._tail = position
+        fence()  # every read of those bytes is done before TAIL says so
         self._words[TAIL_WORD] = position
 
-    def drain(self, append: Callable[[List[memoryview]], Any]) -> int:
-        """The server's hot path: ``append`` every byte published (HEAD checked as by
-        :meth:`available`; raises RingCorrupt), then hand the space back; bytes moved.
-        ``append`` raising leaves the ring as it was."""
+    def drain(self, fd: int) -> int:
+        """The server's hot path: write every byte published to ``fd`` in one ``writev``
+        (:func:`~offlog.writev.write_whole`; HEAD checked as by :meth:`available`, which
+        raises RingCorrupt before anything is written), then hand the space back; bytes
+        moved. An OSError leaves the ring as it was; its ``characters_written`` says how
+        many of the bytes reached ``fd`` (the caller cuts them off). In C where
+        offlog._speedups is built; this is the reference (``python_drain``)."""
         head = self.available()
         tail = self._tail
         if head != tail:
-            append(_pieces(self._data, tail, head - tail))
-            self._tail = head
-            self._words[TAIL_WORD] = head
+            write_whole(fd, _pieces(self._data, tail, head - tail))
+            self.release(head)
         return head - tail
 
     def has_data(self) -> bool:
@@ -512,8 +548,17 @@ class Consumer:
     def fail(self, code: int) -> None:
         """Flag a write error for the producer's next write()."""
         self._words[layout.ERRNO_WORD] = code
+        fence()  # ERRNO before FAILED
         self._words[STATE_WORD] = layout.FAILED
 
     def close(self) -> None:
         self._words.release()
         self._data.release()
+
+
+#: ``Consumer.drain`` in Python: the reference, and the server's hot path without offlog._speedups.
+python_drain = Consumer.drain
+if __with_speedups__:
+    from .._speedups import consumer_drain
+
+    Consumer.drain = consumer_drain(Consumer, RingCorrupt)  # type: ignore[method-assign]
