@@ -165,15 +165,20 @@ def _refused_name(path: str) -> bool:
     return name in REFUSED_PATHS or any(name == tree or name.startswith(tree + "/") for tree in REFUSED_TREES)
 
 
-def open_for_append(path: str, keep_out: AbstractSet[Identity] = frozenset()) -> Tuple[int, Identity]:
-    """Open ``path`` for appending (may block, e.g. on a FIFO with no reader);
-    return the descriptor and the file's identity. A path that is not a log
-    file (see the module header) or a file in ``keep_out`` raises
-    PermissionError (EACCES) naming the path, with nothing left open."""
+def open_for_append(
+    path: str, keep_out: AbstractSet[Identity] = frozenset(), wait: bool = True
+) -> Tuple[int, Identity]:
+    """Open ``path`` for appending (may block, e.g. on a FIFO with no reader,
+    unless ``wait`` is False: then that is ENXIO); return the descriptor, in
+    blocking mode, and the file's identity. A path that is not a log file (see
+    the module header) or a file in ``keep_out`` raises PermissionError
+    (EACCES) naming the path, with nothing left open."""
     if _refused_name(path):
         raise PermissionError(errno.EACCES, NOT_A_LOG_FILE, path)
-    fd = _open(path)
+    fd = _open(path, OPEN_FLAGS if wait else OPEN_FLAGS | os.O_NONBLOCK)
     try:
+        if not wait:
+            os.set_blocking(fd, True)  # writes wait as they should; only the open did not
         identity = _identity(os.fstat(fd))
         if identity in keep_out:
             raise PermissionError(errno.EACCES, OWN_LOG, path)
@@ -219,12 +224,12 @@ def _resolves(path: str) -> bool:
     return True
 
 
-def _open(path: str) -> int:
-    """``open(path, OPEN_FLAGS, 0o666)``, through no /proc magic link where the
+def _open(path: str, flags: int) -> int:
+    """``open(path, flags, 0o666)``, through no /proc magic link where the
     kernel can promise that (``openat2``); a plain ``open`` where it cannot."""
     global _syscall
     if _syscall is not None:
-        how = _OpenHow(OPEN_FLAGS, 0o666, RESOLVE_NO_MAGICLINKS)
+        how = _OpenHow(flags, 0o666, RESOLVE_NO_MAGICLINKS)
         raw = os.fsencode(path)
         while True:
             fd = _syscall(
@@ -244,7 +249,7 @@ def _open(path: str) -> int:
                 break
             if code != errno.EINTR:
                 raise OSError(code, os.strerror(code), path)
-    return os.open(path, OPEN_FLAGS, 0o666)
+    return os.open(path, flags, 0o666)
 
 
 class OpenFile:
@@ -354,8 +359,8 @@ class OpenFile:
                 return None
             why = f"{noticed}; created after {CREATE_GRACE:g} s"
         self.missing = None
-        try:
-            fd, identity = open_for_append(self.path, self._keep_out)
+        try:  # (the lock is held: a FIFO without reader must not keep it, and whoever waits for it, forever)
+            fd, identity = open_for_append(self.path, self._keep_out, wait=False)
         except OSError as exc:
             self._reopen_failed(_naming(exc, self.path), at_path, force)
             return exc

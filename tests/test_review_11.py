@@ -1,8 +1,7 @@
 """Review of the event-loop server (issue 11): one loop, writers' passes, doorbell waiters.
 
-Each xfail test pins a bug found in review and fails on the code it was found
-in; each "fixed while this review ran" test pinned one that has been fixed since
-(it failed before the commit it names); the others document edge cases that hold. Stuck files are FIFOs: one with a
+Each "fixed while this review ran" test pinned a bug found in review that has been
+fixed since (it failed before the fix); the others document edge cases that hold. Stuck files are FIFOs: one with a
 reader that never reads (a write blocks once the pipe is full), or one with no
 reader at all (an open for writing blocks). Real servers, real sockets, no mocks.
 """
@@ -184,11 +183,11 @@ def reopen_a_fifo_without_reader(server, reader: int) -> None:
     wait_for(lambda: in_fifo_open(server.pid) or " files, " in server.output(), what="the SIGHUP reopen")
 
 
-# Bug: files.py OpenFile.follow_path opens the path with a blocking open(); for a
-# FIFO whose reader has left that open never returns. SIGHUP (and the rotation
-# watcher's own checks) run it on the rotation watcher's thread, which then
-# follows no rotation of any file again; `offlog reopen` is never answered.
-@pytest.mark.xfail(strict=True, reason="a reopen of a FIFO without reader blocks the rotation watcher for good")
+# Fixed while this review ran: files.py OpenFile.follow_path opened the path with a
+# blocking open(); for a FIFO whose reader had left that open never returned. SIGHUP
+# (and the rotation watcher's own checks) ran it on the rotation watcher's thread,
+# which then followed no rotation of any file again. A reopen now opens without
+# waiting (ENXIO: a failed reopen, tried again later).
 def test_a_fifo_without_reader_does_not_stop_the_rotation_of_other_files(start_server, workdir):
     server = start_server()
     path, reader = full_fifo(workdir)
