@@ -20,13 +20,15 @@ if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev
 fi
 mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 update-binfmts --enable qemu-aarch64
-if [ ! -x "$root/opt/venv/bin/python" ]; then
+if [ ! -x "$root/usr/bin/python3" ]; then
     mkdir -p "$dir"
     debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-dev,gcc,libc6-dev,util-linux \
         bookworm "$root" http://deb.debian.org/debian
+fi
+if [ ! -x "$root/opt/venv/bin/pytest" ]; then
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/host-ca.crt"  # the host's trust, for pip
     chroot "$root" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root PIP_CERT=/etc/ssl/certs/host-ca.crt sh -c \
-        'python3 -m venv /opt/venv && /opt/venv/bin/pip install -q "pytest>=7" "pytest-timeout>=2" "hypothesis>=6" setuptools'
+        'python3 -m venv /opt/venv && /opt/venv/bin/pip install -q setuptools wheel "pytest>=7" "pytest-timeout>=2" "hypothesis>=6"'
 fi
 
 # The root is a mount point (so `unshare -m` works inside), with /proc, /dev, /dev/shm, /sys.
