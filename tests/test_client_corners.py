@@ -101,7 +101,7 @@ result = ref() is None
 """
     )
     assert collected, "the unreferenced ProxyFile is still alive after gc.collect()"
-    transport_server.wait_log("disconnected")  # while the client process lives on
+    transport_server.wait_log("Client 1 disconnected")  # while the client process lives on (0: the probe)
     assert_exactly_once(target.read_bytes(), keys("G", range(100)))
     assert client.finish() == 0
 

@@ -73,7 +73,8 @@ def test_idle_ring_clients_cost_no_thread_each_and_their_rings_sleep(start_serve
         status = wait_for(asleep, what="every idle ring to sleep")
         assert sum(c["transport"] == "shm" for c in status["clients"]) == 300
         assert status["writers"]["doorbell_threads"] == 3
-        assert server_threads(server.pid) <= before + 3
+        # A writer thread may come and go with a stalled file (a loaded machine), never one per client:
+        assert server_threads(server.pid) <= before + 3 + 2 < 300
         for i, f in enumerate(files):
             f.write(b"second %d\n" % i)
         for f in files:

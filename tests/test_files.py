@@ -145,7 +145,7 @@ def test_rotation_is_followed_by_inotify_without_waiting_for_the_periodic_check(
     exclusive create finds no file of the server's in the way, and the server follows
     the new file, told by inotify; a client that keeps its file open writes there.
     Without ``create`` the server makes the new file itself, a moment later."""
-    assert "Rotation watcher: inotify on each file's directory" in server.output()
+    server.wait_log("Rotation watcher: inotify on each file's directory")
     path = workdir / "app.log"
     f = offlog.ProxyFile(str(path), server.sock, shm=False)
     f.write(b"one\n")
