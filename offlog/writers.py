@@ -16,12 +16,14 @@ So the server's cost follows passes and files with data, not records or
 clients: 256 clients writing 100 records a second each cost about a pass every
 two milliseconds, not 25,600 wake-ups.
 
-The period follows the size of the appends: after a pass whose appends were
-large (``BIG_APPEND`` on average: a burst, where the cost is per byte) the
-next runs at once; after one with middling appends, ``POLL`` later; after
-one with small appends or nothing, the wait doubles up to ``POLL_MAX``, so
-that each file's bytes gather into fewer, larger appends (and many slow
-clients cost a pass every few milliseconds, not a pass per record).
+The period follows the size of the largest append: after a pass in which
+some file took ``BIG_APPEND`` or more (a burst: the cost is per byte, and a
+ring must not fill) the next runs at once; after a middling one, ``POLL``
+later; after one with only small appends or nothing, the wait doubles up to
+``POLL_MAX``, so that each file's bytes gather into fewer, larger appends:
+many slow clients cost a pass every few tens of milliseconds, not a pass or
+a ``writev`` per record. ``sync()`` does not wait for the period: a FLUSH is
+a job, and a job wakes the leader at once.
 
 A ring that had no new bytes for ``SLEEP_AFTER`` goes to sleep: the leader
 stops polling it and :class:`~offlog.shm.doorbells.Doorbells` waits on its
@@ -61,13 +63,13 @@ from .shm.doorbells import Doorbells
 #: Seconds between passes right after one that found work.
 POLL = 0.002
 #: Longest wait between passes while any ring is awake (empty passes double POLL up to this).
-POLL_MAX = 0.008
-#: Appends of this many bytes on average: the next pass runs at once (a burst).
+POLL_MAX = 0.032
+#: An append of this many bytes: the next pass runs at once (a burst).
 BIG_APPEND = 64 * 1024
-#: Appends smaller than this on average: the wait before the next pass doubles (up to POLL_MAX).
+#: Appends all smaller than this: the wait before the next pass doubles (up to POLL_MAX).
 SMALL_APPEND = 4 * 1024
 #: Seconds without new bytes after which a ring goes to sleep (its client's next write posts).
-SLEEP_AFTER = 0.05
+SLEEP_AFTER = 0.2
 #: Seconds one file operation may take before another thread takes over the other files.
 STALL = 0.002
 #: Seconds a spare writer thread waits for work before it ends.
@@ -248,12 +250,12 @@ class Writers:
                 if role is None:
                     return
                 if role == "lead":
-                    moved, appends, found = self._pass(me)
+                    largest, found = self._pass(me)
                     if found:
                         found_at = time.monotonic()
-                    if appends and moved >= BIG_APPEND * appends:
+                    if largest >= BIG_APPEND:
                         delay = 0.0
-                    elif appends and moved >= SMALL_APPEND * appends:
+                    elif largest >= SMALL_APPEND:
                         delay = POLL
                     else:
                         delay = min(POLL_MAX, max(POLL, delay * 2))
@@ -315,8 +317,8 @@ class Writers:
                 self._no_standby_said = True
                 self._warn(f"No standby writer thread ({exc}): a stalled file may delay others until it moves")
 
-    def _pass(self, me: threading.Thread) -> Tuple[int, int, bool]:
-        """Serve every file with work once; (bytes moved, appends, anything found). A file
+    def _pass(self, me: threading.Thread) -> Tuple[int, bool]:
+        """Serve every file with work once; (the largest file's bytes, anything found). A file
         whose rings have nothing new and that has no job costs one look per ring.
 
         ``owner`` and ``_ops`` are claimed without the lock: only the leader claims
@@ -331,7 +333,7 @@ class Writers:
                 todo[work] = [session]
             elif todo[work] is not None:
                 todo[work].append(session)  # (None: the work has jobs, and a full serve drains every ring)
-        moved, appends, found = 0, 0, False
+        largest, found = 0, False
         self.passes += 1
         ops = self._ops
         for work, ready in todo.items():
@@ -353,8 +355,7 @@ class Writers:
                 del ops[me]
                 work.owner = None
             if n >= 0:
-                moved += n
-                appends += n > 0
+                largest = max(largest, n)
                 found = True
         with self._lock:
             for work in todo:
@@ -365,7 +366,7 @@ class Writers:
         if now >= self._next_sleep_check and self._leader is me:  # (a replaced thread's view is stale)
             self._next_sleep_check = now + SLEEP_AFTER / 5
             self._put_idle_rings_to_sleep(now)
-        return moved, appends, found
+        return largest, found
 
     def _ready_rings(self) -> List[Any]:
         """The awake rings with new bytes: one look at each."""
