@@ -278,7 +278,12 @@ class Server:
         heapq.heappush(self._timers, (when, session.id, session))
 
     def _next_timer(self) -> Optional[float]:
-        return self._timers[0][0] if self._timers else None
+        """When the next timer that still matters is due (timers of sessions that moved
+        on, say past their handshake, are dropped: an idle server is not woken by them)."""
+        timers = self._timers
+        while timers and not timers[0][2].wants_timer(timers[0][0]):
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -675,6 +680,14 @@ class Session:
 
     def on_writable(self) -> None:
         self._flush_out()
+
+    def wants_timer(self, when: float) -> bool:
+        """Is a timer set for ``when`` still one this session needs?"""
+        if self.phase == "handshake" and when == self.handshake_ends:
+            return True
+        if self.phase == "closing" and when == self._linger_ends:
+            return True
+        return (self.waiting_frame or bool(self.frame[0])) and when == self.frame_ends
 
     def on_timer(self, now: float) -> None:
         if self.phase == "handshake" and now >= self.handshake_ends:
