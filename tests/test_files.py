@@ -155,7 +155,7 @@ def test_rotation_is_followed_by_inotify_without_waiting_for_the_periodic_check(
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
     created = path.stat().st_ino if create else None
     server.wait_log(f"Reopened {path}")
-    assert f"Reopened {path} (renamed or deleted, seen by inotify" in server.output()
+    server.wait_log(f"Reopened {path} (renamed or deleted, seen by inotify")
     f.write(b"two\n")
     f.close()
     assert path.read_bytes() == b"two\n"
@@ -307,7 +307,7 @@ def test_enospc_leaves_no_torn_record(start_server, small_filesystem, shm):
     assert str(path) in str(error)
     count = whole_records(path.read_bytes())
     assert count * RECORD > 200 * 1024, "the file should have filled most of the filesystem"
-    assert "Failed to write to" in server.output()
+    server.wait_log("Failed to write to")
 
 
 def test_file_size_limit_leaves_no_torn_record(server, workdir):
@@ -373,7 +373,7 @@ def test_sighup_and_reopen_command_run_the_same_routine(server, procs, workdir):
         server.wait_log("Reopened 1 of 1 files, 0 failed")
         assert run_offlog(procs, workdir, "reopen", "-s", server.sock).returncode == 0
         assert "reopening all files" in server.output().split("Received SIGHUP", 1)[1]
-        assert server.output().count("Reopened 1 of 1 files, 0 failed") == 2
+        wait_for(lambda: server.output().count("Reopened 1 of 1 files, 0 failed") == 2, what="the second reopen's line")
     finally:
         f.close()
 

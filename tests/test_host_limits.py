@@ -225,7 +225,7 @@ def test_a_server_whose_log_file_is_full_or_stalled_serves_clients_and_leaks_not
         wait_for(lambda: open_fds(server.pid) == baseline, what="the server's descriptors back to the baseline")
         assert (workdir / "app.log").read_bytes() == b"warm-up\n" + b"".join(b"%d\n" % i for i in range(300))
         if sink == "dev-full":
-            assert "Cannot write the log to /dev/full: [Errno 28] No space left on device" in server.output()
+            server.wait_log("Cannot write the log to /dev/full: [Errno 28] No space left on device")
         assert server.stop() == 0
     finally:
         if reader >= 0:

@@ -465,7 +465,7 @@ def test_a_version_2_client_gets_no_ring_and_a_socket_session(shm_server, workdi
         s.shutdown(socket.SHUT_WR)
         assert read_all(s) == frame(b"B")
     assert target.read_bytes() == b"old\n"
-    assert f"transport: socket ({note.decode()})" in shm_server.output()
+    shm_server.wait_log(f"transport: socket ({note.decode()})")
 
 
 def test_a_ring_write_error_fails_state_before_the_bytes_tail(shm_server):

@@ -69,8 +69,8 @@ def test_startup_lines_and_own_logfile(start_server, workdir):
     logfile = workdir / "server.log"
     server = start_server("-l", str(logfile))
     for text in ("offlog INFO] This is offlog server", f"offlog INFO] Listening on socket {server.sock}"):
-        assert text in server.output()
-        assert text in logfile.read_text()
+        server.wait_log(text)
+        wait_for(lambda text=text: text in logfile.read_text(), what=f"{text!r} in the -l file")
 
 
 CLIENT_STACK = ("offlog.client", "offlog.transports", "offlog.logger", "offlog.handler")
@@ -308,7 +308,7 @@ def test_no_permission_raises_permission_error(server, bystander, workdir):
     finally:
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(target)], check=True)
-    assert "access denied" in server.output()
+    server.wait_log("access denied")
 
 
 def test_garbage_instead_of_a_path(server, bystander):
@@ -381,7 +381,7 @@ def test_write_error_reaches_the_client_with_its_errno(start_server, workdir, sh
             time.sleep(0.01)
         f.close()
     assert info.value.errno == 28  # ENOSPC
-    assert "Failed to write to /dev/full" in server.output()
+    server.wait_log("Failed to write to /dev/full")
     ok = offlog.ProxyFile(str(workdir / "fine.log"), server.sock, shm=shm)
     ok.write(b"still served\n")
     ok.close()
@@ -391,7 +391,7 @@ def test_write_error_reaches_the_client_with_its_errno(start_server, workdir, sh
 def test_server_log_names_each_client_pid_and_uid(server, workdir):
     f = offlog.ProxyFile(str(workdir / "a.log"), server.sock)
     f.close()
-    assert f"(pid {os.getpid()}, uid {os.getuid()})" in server.output()
+    server.wait_log(f"(pid {os.getpid()}, uid {os.getuid()})")
 
 
 def test_a_server_killed_mid_offer_leaves_nothing_in_dev_shm(start_server, workdir):
@@ -461,4 +461,4 @@ def test_a_stop_answers_a_frame_cut_off_by_it_with_the_shutdown_error(server, wo
     assert reply[0].position == len(b"whole\n")  # confirmed: the client need not send it again
     assert reply[1].exception.errno == errno.ESHUTDOWN and "offlog server exited" in str(reply[1].exception)
     assert target.read_bytes() == b"whole\n"
-    assert "cut off in the middle of a frame: 10 bytes discarded" in server.output()
+    server.wait_log("cut off in the middle of a frame: 10 bytes discarded")

@@ -310,7 +310,8 @@ def test_a_client_of_another_user_gets_its_ring(start_server, workdir, procs):
     assert proc.returncode == 0, proc.stderr_text
     assert proc.stdout_text.split() == ["shm", "65534"]
     assert target.read_bytes() == b"from uid 65534\n"
-    assert "uid 65534)" in server.output() and "transport: shm" in server.output()
+    server.wait_log("uid 65534)")
+    server.wait_log("transport: shm")
 
 
 def test_a_client_in_a_mount_namespace_of_its_own_gets_its_ring(shm_server, workdir, procs, private_dev_shm):
@@ -771,4 +772,4 @@ def test_client_without_ctypes_uses_the_socket(shm_server, workdir, procs):
     transport, required = proc.stdout_text.splitlines()
     assert transport == "socket" and "ctypes is not available" in required
     assert (workdir / "n.log").read_bytes() == b"over the socket\n"
-    assert "transport: socket (client cannot map rings)" in shm_server.output()
+    shm_server.wait_log("transport: socket (client cannot map rings)")
