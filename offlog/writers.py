@@ -158,11 +158,7 @@ class Writers:
         """A client of ``file`` is gone: give its reference back (closing the file after
         its last client may wait for the file's lock, so it is the writers' work), then
         ``done(closed)`` on the writer's thread."""
-        with self._lock:
-            work = self._work(file)
-            work.jobs.append((RELEASE, None, done))
-            self._jobbed[work] = None
-            self._wake_leader()
+        self._queue(file, (RELEASE, None, done))
 
     def add_ring(self, session: Any) -> None:
         """The session's ring starts carrying its data: poll it."""
@@ -208,9 +204,12 @@ class Writers:
         }
 
     def _submit(self, session: Any, kind: str, arg: Any, urgent: bool = True) -> None:
+        self._queue(session.file, (kind, session, arg), urgent)
+
+    def _queue(self, file: OpenFile, job: Tuple[str, Any, Any], urgent: bool = True) -> None:
         with self._lock:
-            work = self._work(session.file)
-            work.jobs.append((kind, session, arg))
+            work = self._work(file)
+            work.jobs.append(job)
             self._jobbed[work] = None
             if urgent or self._idle:
                 self._wake_leader()
@@ -235,9 +234,14 @@ class Writers:
 
     # -- threads --------------------------------------------------------------
     def _spawn(self) -> None:
-        threading.Thread(target=self._main, name="writer", daemon=True).start()
         with self._lock:
-            self.threads += 1
+            self.threads += 1  # (before the start: a thread that ends at once must not count -1)
+        try:
+            threading.Thread(target=self._main, name="writer", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self.threads -= 1
+            raise
 
     def _main(self) -> None:
         me = threading.current_thread()
@@ -261,16 +265,35 @@ class Writers:
                         delay = min(POLL_MAX, max(POLL, delay * 2))
                 elif role == "took over":
                     self._take_over()
+        except Exception as exc:  # a mistake of ours: this thread ends, and its role passes on
+            self._warn(f"Internal error in a writer thread: {exc!r}; another takes its place")
+            failed = True
+        else:
+            failed = False
         finally:
             with self._lock:
                 self.threads -= 1
+                self._ops.pop(me, None)
+                if self._leader is me:
+                    self._leader = None  # the next thread to look takes it
+                if self._standby is me:
+                    self._standby = None
+                self._lead.notify_all()
+                self._spare.notify_all()
+        if failed:
+            try:
+                self._spawn()  # (after the roles are free, so that it finds one)
+            except RuntimeError:
+                pass  # the standby, if any, takes the lead alone
 
     def _role(self, me: threading.Thread, delay: float, busy: bool) -> Optional[str]:
         """Lock held: wait until this thread has something to do; what. A leader that
         found work lately (``busy``) or has awake rings waits ``delay`` between passes."""
         while not self._stopping:
-            if self._leader is None:
+            if self._leader is None:  # (the first thread, or the leader's thread ended)
                 self._leader = me
+                if self._standby is me:
+                    self._standby = None
             if self._leader is me:
                 if self._pending_jobs() or (delay == 0.0 and self._awake):
                     self._set_active(True)

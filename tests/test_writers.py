@@ -92,3 +92,36 @@ def _drained(fd: int) -> bool:
     except BlockingIOError:
         pass
     return True
+
+
+def test_a_writer_thread_that_fails_outside_any_file_hands_on_its_role(workdir):
+    """A mistake of ours in the pass itself (here: one ring's poll raising) ends that
+    thread only: the failure is logged, another thread leads, and every other file's
+    open, append and flush are still served."""
+    reports, warnings = Reports(), []
+    files = FileTable(lambda msg: None, warnings.append)
+    writers = Writers(files, reports.run, warnings.append)
+    failing = session(reports, files, str(workdir / "failing.log"), 0)
+    raised = []
+
+    def poll() -> bool:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("a bug in a ring's poll")
+        return False
+
+    failing.ring = types.SimpleNamespace(consumer=types.SimpleNamespace(has_data=poll))
+    writers.add_ring(failing)
+    writers.start()
+    try:
+        wait_for(lambda: raised, what="the failing poll")
+        other = session(reports, files, str(workdir / "other.log"), 1)
+        writers.open(other, other.first)
+        writers.append(other, [b"served\n"])
+        writers.flush(other, 7)
+        wait_for(lambda: "1 flushed 7" in reports.calls, what="the other file's flush")
+        assert (workdir / "other.log").read_bytes() == b"served\n"
+        assert any("Internal error in a writer thread: RuntimeError" in w for w in warnings), warnings
+        wait_for(lambda: writers.threads == 2, what="a leader and a standby again")
+    finally:
+        writers.stop()
