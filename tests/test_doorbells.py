@@ -155,3 +155,18 @@ def test_a_client_that_scribbles_over_its_doorbell_costs_the_server_nothing_but_
     raw[layout.DOORBELL_OFFSET : layout.DOORBELL_OFFSET + layout.SEM_SIZE] = b"\xff" * layout.SEM_SIZE
     wait_for(lambda: pair.rung == 1, what="the scribbled value to count as news")
     assert doorbells.sleeping() == 0
+
+
+def test_a_ring_closed_while_it_sleeps_costs_its_waiter_nothing(doorbells, pairs):
+    """Closing a sleeping ring without forgetting it first is a mistake of the caller; the
+    waiter drops that ring (once, calling its rung so its owner can tell) and goes on
+    watching the others instead of dying with them."""
+    closed, other = pairs(2)
+    assert doorbells.sleep(closed.server, closed.on_rung)
+    assert doorbells.sleep(other.server, other.on_rung)
+    wait_for(lambda: other.state() == layout.SLEEPING, what="the rings to fall asleep")
+    closed.server.close()
+    other.client.producer.write(b"still watched\n")
+    wait_for(lambda: other.rung == 1, what="the other ring's doorbell")
+    wait_for(lambda: doorbells.sleeping() == 0, what="the closed ring to be let go")
+    assert closed.rung == 1

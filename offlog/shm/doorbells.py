@@ -226,7 +226,10 @@ class _Waiter:
                     return
                 if self._new:
                     for ring in self._new:
-                        ring.fall_asleep()  # STATE = SLEEPING, the semaphore has a waiter
+                        try:
+                            ring.fall_asleep()  # STATE = SLEEPING, the semaphore has a waiter
+                        except ValueError:
+                            pass  # closed already: the look just below lets it go
                     self._ring_any(self._new)
                     settling += self._new
                     settled_at = time.monotonic() + SETTLE
@@ -263,8 +266,12 @@ class _Waiter:
         """Lock held: wake every ring of ``rings`` that was posted or has data and call
         its ``rung`` (under the lock, so that no ``rung`` follows a :meth:`Doorbells.forget`)."""
         for ring in rings:
-            if ring.has_news():
+            try:
+                if not ring.has_news():
+                    continue
                 ring.awaken()
-                self._gone(ring)
-                self._rings.pop(ring)()
+            except ValueError:  # closed while watched (a mistake elsewhere): watched no more, never crashes us
+                pass
+            self._gone(ring)
+            self._rings.pop(ring)()
 
