@@ -565,8 +565,6 @@ class Session:
     """One client connection. Every method runs on the event loop's thread, but
     the ``on_*`` callbacks are what the writers report (run on the loop too)."""
 
-    ACK_EVERY = ACK_EVERY
-
     def __init__(self, server: Server, sid: int, sock: socket.socket) -> None:
         self.server = server
         self.id = sid
@@ -587,6 +585,7 @@ class Session:
         self.handshake_ends = time.monotonic() + server.handshake_timeout
         self.written = 0  # the writers'
         self.confirmed = 0  # `written` as last told to the client in a WRITTEN frame
+        self.confirm_at = ACK_EVERY  # `written` from which a WRITTEN is due (the writers then call on_written)
         self.received = 0  # bytes handed to the writers (written - received: not yet written)
         self.dropped = 0
         self.out = bytearray()  # what the socket did not take yet
@@ -966,11 +965,11 @@ class Session:
         session is paused): WRITTEN now and then; read on if paused."""
         if self.phase not in ("data", "ending"):
             return
-        if self.written - self.confirmed >= ACK_EVERY and self.ring is None:
+        if self.written >= self.confirm_at and self.ring is None:
             if self.conn.framed:
                 self._confirm()
             else:
-                self.confirmed = self.written  # 0.x has no WRITTEN: nothing is due
+                self._confirmed_to(self.written)  # 0.x has no WRITTEN: nothing is due
         self._read_on()
 
     def _read_on(self) -> None:
@@ -1008,6 +1007,10 @@ class Session:
     def on_released(self) -> None:
         self._close(None)
 
+    def _confirmed_to(self, position: int) -> None:
+        self.confirmed = position
+        self.confirm_at = position + ACK_EVERY
+
     def _confirm(self) -> None:
         """Tell a socket client how much of its data is in the file (WRITTEN), so
         it can forget it. A WRITTEN the socket would not take now is skipped."""
@@ -1015,7 +1018,7 @@ class Session:
             return  # the next will do
         try:
             self.sock.send(self.conn.send(P.Written(self.written)), socket.MSG_DONTWAIT)  # 13 bytes: all or nothing
-            self.confirmed = self.written
+            self._confirmed_to(self.written)
         except (OSError, P.ProtocolError):
             pass  # full (the next WRITTEN will do) or the client left (the read side notices)
 

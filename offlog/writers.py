@@ -97,8 +97,9 @@ class Writers:
     """The writer threads of a server (see the module header).
 
     Sessions given to it have ``file`` (an :class:`OpenFile`), ``ring`` (a
-    :class:`~offlog.shm.objects.ServerRing` or None), ``fsync``, ``written``
-    and the ``on_*`` callbacks it reports to; it sets ``ring_state``,
+    :class:`~offlog.shm.objects.ServerRing` or None), ``fsync``, ``written``,
+    ``confirm_at`` and ``reading`` (a socket client to tell: a WRITTEN is due, or
+    it waits to be read) and the ``on_*`` callbacks it reports to; it sets ``ring_state``,
     ``ring_seen``, ``work``, ``has_data`` and ``failed``."""
 
     def __init__(
@@ -485,7 +486,7 @@ class Writers:
             n = sum(map(len, session_parts))
             session.written += n
             total += n
-            if session.written - session.confirmed >= session.ACK_EVERY or not session.reading:
+            if session.written >= session.confirm_at or not session.reading:
                 calls.append(session.on_written)  # a WRITTEN is due, or the loop waits to read on
         return total
 

@@ -33,8 +33,7 @@ class Reports:
 
 
 def session(reports: Reports, files: FileTable, path: str, sid: int):
-    s = types.SimpleNamespace(id=sid, ring=None, fsync=False, written=0, confirmed=0, reading=True, failed=None)
-    s.ACK_EVERY = 1 << 62
+    s = types.SimpleNamespace(id=sid, ring=None, fsync=False, written=0, confirm_at=1 << 62, reading=True, failed=None)
     s.file, s.first = files.reserve(path)
     s.on_opened = lambda error: reports.add(f"{sid} opened {error!r}")
     s.on_written = lambda: reports.add(f"{sid} written")
